@@ -1,0 +1,69 @@
+# The README's commands. Everything is installed into .venv on first use.
+#   make demo   - the paper's composite-K experiment at small scale (no downloads)
+#   make test   - the test suite (CPU; Triton kernels under TRITON_INTERPRET=1)
+#   make bench  - microbenchmarks + end-to-end decode benchmark, results in benchmarks/results/
+# Override the torch build with e.g. `make test TORCH_SPEC="torch==2.11.0"`; a bare `torch`
+# would pull several GB of CUDA wheels on a CPU machine.
+
+PYTHON      ?= python3
+VENV        ?= .venv
+TORCH_SPEC  ?= torch==2.13.0
+PY          := $(VENV)/bin/python
+PIP         := $(PY) -m pip
+STAMP       := $(VENV)/.dlp-installed
+EXT_STAMP   := $(VENV)/.dlp-ext-built
+CSRC        := $(wildcard csrc/*.cpp csrc/*.h csrc/*.cu csrc/*.cuh) setup.py
+PYTEST      := $(PY) -m pytest
+
+.PHONY: all venv build test test-fast demo bench bench-ops bench-e2e check-cuda lint readme-tables clean
+
+all: build
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q "$(TORCH_SPEC)" setuptools wheel pybind11 ninja
+	$(PIP) install -q --no-build-isolation -e ".[dev,bench]"
+	touch $(STAMP) $(EXT_STAMP)
+
+venv: $(STAMP)
+
+# Rebuild the compiled extension (dlp_lora/_C*.so, in place) whenever csrc/ or setup.py changes.
+$(EXT_STAMP): $(STAMP) $(CSRC)
+	$(PIP) install -q --no-build-isolation --no-deps -e .
+	touch $(EXT_STAMP)
+
+build: $(EXT_STAMP)
+
+test: build
+	TRITON_INTERPRET=1 $(PYTEST) -q tests
+
+test-fast: build
+	TRITON_INTERPRET=1 $(PYTEST) -q -m "not slow" tests
+
+demo: build
+	$(PY) -m dlp_lora.demo
+
+bench: bench-ops bench-e2e readme-tables
+
+bench-ops: build
+	$(PYTEST) benchmarks/bench_ops.py --benchmark-enable --benchmark-only \
+		--benchmark-json=benchmarks/results/ops_cpu_raw.json -q
+	$(PY) benchmarks/summarize_ops.py benchmarks/results/ops_cpu_raw.json benchmarks/results/ops_cpu.json
+
+bench-e2e: build
+	$(PY) -m dlp_lora.cli bench --out benchmarks/results/e2e_cpu.json
+
+readme-tables: build
+	$(PY) benchmarks/make_readme_tables.py
+
+# Compile-check the CUDA kernel source with nvcc (it cannot run on a CPU-only machine).
+check-cuda:
+	nvcc -std=c++17 -O3 -arch=sm_90 -c csrc/multi_lora_cuda_kernel.cu -o /tmp/dlp_lora_cuda_kernel.o
+	@echo "nvcc compile-check of csrc/multi_lora_cuda_kernel.cu: ok"
+
+lint: $(STAMP)
+	$(PY) -m ruff check dlp_lora triton_kernels tests benchmarks
+
+clean:
+	rm -rf build dist *.egg-info dlp_lora/_C*.so $(EXT_STAMP)

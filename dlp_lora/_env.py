@@ -1,0 +1,24 @@
+"""Every environment variable dlp-lora reads, in one place.
+
+Build time (setup.py):
+  DLP_LORA_SKIP_EXT=1     build no compiled extension
+  DLP_LORA_CUDA=0/1       never / always build the CUDA kernel (default: when torch has CUDA and nvcc exists)
+  DLP_LORA_NATIVE=1       compile the CPU kernel with -march=native
+
+Run time:
+  DLP_LORA_BACKEND        force a backend for every call: reference | cpp | triton | cuda
+  TRITON_INTERPRET=1      run Triton kernels on CPU tensors (tests); must be set before import
+"""
+
+import os
+
+BACKEND_ENV = "DLP_LORA_BACKEND"
+
+
+def forced_backend() -> str | None:
+    value = os.environ.get(BACKEND_ENV, "").strip().lower()
+    return value or None
+
+
+def triton_interpret() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")

@@ -1,0 +1,151 @@
+"""The segmented multi-LoRA op: one contract, four backends.
+
+    multi_lora(y, x, lora_a, lora_b, seg_indptr, lora_ids, lora_weights)   # y += delta, in place
+
+      x            [T, d_in]      activations, contiguous rows (fp32 / fp16 / bf16; fp64: reference only)
+      lora_a       [N, r, d_in]   stacked lora_A.weight (PEFT layout), x's dtype
+      lora_b       [N, d_out, r]  stacked lora_B.weight (PEFT layout), x's dtype
+      seg_indptr   [S+1] int32    segment s = rows seg_indptr[s] : seg_indptr[s+1]
+      lora_ids     [S, K] int32   adapter per slot, -1 = empty slot
+      lora_weights [S, K] float32 mixture weight times that adapter's scaling
+      y            [T, d_out]     x's dtype, accumulated in place (rows outside segments untouched)
+
+Backends: ``reference`` (plain torch, the oracle), ``cpp`` (compiled CPU kernel),
+``triton`` (GPU; CPU tensors under TRITON_INTERPRET=1), ``cuda`` (compiled GPU kernel).
+Choice: the ``backend`` argument, else $DLP_LORA_BACKEND, else automatic by device:
+CPU -> cpp (reference if the extension is missing); CUDA -> triton, else cuda, else reference.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+
+import torch
+
+from .._env import forced_backend, triton_interpret
+from ._extension import extension_error, extension_has_cuda, load_extension
+from .reference import multi_lora_delta, multi_lora_reference
+from .validate import MultiLoRAArgumentError, check_multi_lora_args, check_routing_values
+
+__all__ = [
+    "BACKENDS", "MultiLoRAArgumentError", "available_backends", "check_multi_lora_args",
+    "check_routing_values", "get_kernel", "multi_lora", "multi_lora_delta", "multi_lora_reference",
+    "resolve_backend", "extension_error",
+]
+
+BACKENDS = ("reference", "cpp", "triton", "cuda")
+Kernel = Callable[..., None]
+
+
+@functools.cache
+def _triton_importable() -> bool:
+    try:
+        from .. import triton_kernels  # noqa: F401
+
+        return triton_kernels.is_available()
+    except Exception:
+        return False
+
+
+def available_backends(device: str | torch.device | None = None) -> list[str]:
+    """Backends usable on ``device`` (default: every device this process can reach)."""
+    devices = [torch.device(device)] if device is not None else (
+        [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else []))
+    out = []
+    for name in BACKENDS:
+        if any(_usable(name, d) for d in devices):
+            out.append(name)
+    return out
+
+
+def _usable(name: str, device: torch.device) -> bool:
+    if name == "reference":
+        return True
+    if name == "cpp":
+        return device.type == "cpu" and load_extension() is not None
+    if name == "triton":
+        if not _triton_importable():
+            return False
+        return device.type == "cuda" or (device.type == "cpu" and triton_interpret())
+    if name == "cuda":
+        return device.type == "cuda" and torch.cuda.is_available() and extension_has_cuda()
+    return False
+
+
+def resolve_backend(device: torch.device, backend: str | None = None) -> str:
+    """The backend a call on ``device`` will use (explicit > $DLP_LORA_BACKEND > automatic)."""
+    name = backend or forced_backend()
+    if name is not None and name != "auto":
+        if name not in BACKENDS:
+            raise MultiLoRAArgumentError(f"multi_lora: `backend` must be one of {BACKENDS} or 'auto', got {name!r}")
+        if not _usable(name, device):
+            raise RuntimeError(
+                f"multi_lora: backend {name!r} is not usable on {device} "
+                f"(available there: {available_backends(device)}"
+                + (f"; extension: {extension_error()}" if extension_error() else "") + ")"
+            )
+        return name
+    order = ("cpp", "reference") if device.type == "cpu" else ("triton", "cuda", "reference")
+    for candidate in order:
+        if _usable(candidate, device):
+            return candidate
+    return "reference"
+
+
+def get_kernel(backend: str) -> Kernel:
+    """The raw in-place kernel of a resolved backend: kernel(y, x, a, b, seg_indptr, ids, weights).
+
+    No validation: callers (the patched Linear) validate once per routing step.
+    """
+    if backend == "reference":
+        return multi_lora_reference
+    if backend in ("cpp", "cuda"):
+        load_extension()
+        return torch.ops.dlp_lora_C.multi_lora.default
+    if backend == "triton":
+        from ..triton_kernels import multi_lora_triton
+
+        return multi_lora_triton
+    raise MultiLoRAArgumentError(f"multi_lora: unknown backend {backend!r}")
+
+
+# --- torch.library registration: one op that torch.compile / CUDA graphs can capture -------------
+
+@torch.library.custom_op("dlp_lora::multi_lora", mutates_args=("y",))
+def _multi_lora_op(y: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor,
+                   seg_indptr: torch.Tensor, lora_ids: torch.Tensor, lora_weights: torch.Tensor,
+                   backend: str) -> None:
+    get_kernel(backend)(y, x, lora_a, lora_b, seg_indptr, lora_ids, lora_weights)
+
+
+@_multi_lora_op.register_fake
+def _(y, x, lora_a, lora_b, seg_indptr, lora_ids, lora_weights, backend):
+    return None
+
+
+def multi_lora(
+    y: torch.Tensor,
+    x: torch.Tensor,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    seg_indptr: torch.Tensor,
+    lora_ids: torch.Tensor,
+    lora_weights: torch.Tensor,
+    *,
+    backend: str | None = None,
+    validate: bool = True,
+) -> torch.Tensor:
+    """y += sum_k w[s,k] * B[id] A[id] x  for every segment s; returns y. See the module docstring."""
+    compiling = torch.compiler.is_compiling()
+    if validate:
+        # Value checks read tensors (a sync); under torch.compile they would break the graph.
+        check_multi_lora_args(y, x, lora_a, lora_b, seg_indptr, lora_ids, lora_weights,
+                              check_values=not compiling)
+    name = resolve_backend(x.device, backend)
+    if x.dtype == torch.float64 and name != "reference":
+        if backend is not None or forced_backend():
+            raise MultiLoRAArgumentError(f"multi_lora: float64 is only supported by the reference backend, not {name!r}")
+        name = "reference"
+    torch.ops.dlp_lora.multi_lora(y, x, lora_a, lora_b, seg_indptr, lora_ids, lora_weights, name)
+    return y
