@@ -79,11 +79,11 @@ def test_matches_loop_oracle_on_random_softmax(top_p, max_loras):
     probs = torch.softmax(torch.randn(64, 7) * 2.0, dim=1)
     ids, w = route_top_p(probs, top_p, max_loras)
     for b, expect in enumerate(_loop_oracle(probs, top_p, max_loras)):
-        got = {int(i): float(x) for i, x in zip(ids[b], w[b]) if int(i) >= 0}
+        got = {int(i): float(x) for i, x in zip(ids[b], w[b], strict=True) if int(i) >= 0}
         assert got.keys() == expect.keys()
         for i in expect:
             assert got[i] == pytest.approx(expect[i], rel=1e-6)
-        assert all(float(x) == 0.0 for i, x in zip(ids[b], w[b]) if int(i) < 0)
+        assert all(float(x) == 0.0 for i, x in zip(ids[b], w[b], strict=True) if int(i) < 0)
 
 
 def test_empty_batch():
@@ -107,8 +107,10 @@ def test_bad_max_loras(bad):
         check_max_loras(bad)
 
 
-@pytest.mark.parametrize("bad", [torch.tensor([0.5, 0.5]), torch.tensor([[1, 0]]), torch.tensor([[0.5, -0.1]]),
-                                 torch.tensor([[0.0, 0.0]]), torch.tensor([[float("nan"), 1.0]])])
+BAD_PROBS = [[0.5, 0.5], [[1, 0]], [[0.5, -0.1]], [[0.0, 0.0]], [[float("nan"), 1.0]]]
+
+
+@pytest.mark.parametrize("bad", [torch.tensor(x) for x in BAD_PROBS])
 def test_bad_probs(bad):
     with pytest.raises(ValueError, match="probs"):
         route_top_p(bad, 0.5)
