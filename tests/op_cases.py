@@ -5,7 +5,7 @@ backends are checked on the same sweep with the same tolerances.
 
     from op_cases import CASE_SWEEP, assert_matches_reference
     case = CASE_SWEEP[0]
-    args = case.tensors(torch.bfloat16)            # OpTensors(y, x, lora_a, lora_b, seg_indptr, lora_ids, lora_weights)
+    args = case.tensors(torch.bfloat16)  # OpTensors(y, x, lora_a, lora_b, seg_indptr, lora_ids, lora_weights)
     y_before = args.y.clone()
     ops.multi_lora(*args, backend="cpp")
     assert_matches_reference(y_before, args.y, args, torch.bfloat16, "cpp", case=case)
@@ -234,8 +234,8 @@ def assert_matches_reference(
     untouched = ~_rows_with_delta(seg_indptr.cpu(), lora_ids.cpu(), y_before.shape[0])
     if untouched.any():
         changed = (y_after.cpu()[untouched] != y_before.cpu()[untouched]).any(dim=1)
-        assert not changed.any(), (
-            f"{what}: rows without any adapter changed: {untouched.nonzero().flatten()[changed].tolist()[:10]}")
+        bad_rows = untouched.nonzero().flatten()[changed].tolist()[:10]
+        assert not changed.any(), f"{what}: rows without any adapter changed: {bad_rows}"
     if expected.numel() == 0:
         return
     err = (got - expected).abs()
