@@ -1,0 +1,466 @@
+"""LoRABank: every adapter's LoRA weights, stacked per targeted module, ready for the multi-LoRA op.
+
+    bank = LoRABank.from_peft({"math": "adapters/gsm8k", "de_en": "adapters/news_de"})
+
+For each targeted module (named as in the base model, e.g. ``model.layers.0.self_attn.q_proj``)
+the bank holds one :class:`ModuleLoRA`:
+
+    lora_a   [N, r_max, d_in]   lora_A.weight of every adapter (PEFT layout), zero-padded to r_max
+    lora_b   [N, d_out, r_max]  scaling[i] * lora_B.weight of adapter i, zero-padded to r_max
+    scaling  [N] float32        lora_alpha / r (or / sqrt(r) with rslora); 0 where the adapter is absent
+
+Zero padding is exact: padded rows of A meet padded columns of B, so a rank-4 adapter in a rank-8
+bank adds the same delta. An adapter that does not target a module is all zeros there.
+
+The scaling is folded into lora_b at load, so the op's ``lora_weights`` are just the mixture
+weights and one routing tensor serves every module of a forward (see dlp_lora/patch.py).
+
+Loading is eager: ``from_peft`` reads every adapter into memory (``bank.nbytes`` says how much).
+A lazy bank would only move that cost to the first forward, where a router may pick any adapter.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import warnings
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+__all__ = ["LoRABank", "ModuleLoRA", "AdapterLoadError", "read_peft_adapter"]
+
+PEFT_PREFIX = "base_model.model."
+CONFIG_NAME = "adapter_config.json"
+SAFETENSORS_NAME = "adapter_model.safetensors"
+BIN_NAME = "adapter_model.bin"
+# PEFT initialisations that rewrite the base weights (W <- W - scaled A0 B0): such an adapter is only
+# right on the modified base model, unless saved with `path_initial_model_for_weight_conversion`.
+BASE_MODIFYING_INITS = ("pissa", "corda", "olora", "loftq", "lora_ga")
+
+
+class AdapterLoadError(ValueError):
+    """An adapter directory cannot be loaded into a LoRABank (the message names the adapter)."""
+
+
+@dataclass(frozen=True)
+class ModuleLoRA:
+    """The stacked adapters of one targeted module.
+
+    lora_a [N, r_max, d_in] and lora_b [N, d_out, r_max] share one floating dtype and device;
+    lora_b already includes each adapter's scaling. scaling [N] float32 and ranks (N ints,
+    0 = adapter absent here) are kept for inspection.
+    """
+
+    lora_a: torch.Tensor
+    lora_b: torch.Tensor
+    scaling: torch.Tensor
+    ranks: tuple[int, ...]
+
+    @property
+    def d_in(self) -> int:
+        return self.lora_a.shape[2]
+
+    @property
+    def d_out(self) -> int:
+        return self.lora_b.shape[1]
+
+    @property
+    def rank(self) -> int:
+        """r_max: the padded rank every adapter has in this module."""
+        return self.lora_a.shape[1]
+
+    @property
+    def nbytes(self) -> int:
+        return self.lora_a.nbytes + self.lora_b.nbytes
+
+    def to(self, dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> ModuleLoRA:
+        """Same module with lora_a/lora_b cast or moved (no copy when nothing changes)."""
+        a = self.lora_a.to(dtype=dtype, device=device)
+        b = self.lora_b.to(dtype=dtype, device=device)
+        if a is self.lora_a and b is self.lora_b:
+            return self
+        return dataclasses.replace(self, lora_a=a, lora_b=b)
+
+
+# One adapter's weights for one module: lora_A.weight [r, d_in], lora_B.weight [d_out, r], scaling.
+AdapterModule = tuple[torch.Tensor, torch.Tensor, float]
+
+
+class LoRABank:
+    """N LoRA adapters stacked per targeted module (see the module docstring).
+
+    names    list[str], adapter i of every stacked tensor is names[i]
+    modules  dict module_name -> ModuleLoRA, in the base model's naming
+    configs  dict adapter name -> its adapter_config.json (empty for banks built from tensors)
+    """
+
+    def __init__(
+        self,
+        names: Iterable[str],
+        modules: Mapping[str, ModuleLoRA],
+        configs: Mapping[str, dict] | None = None,
+    ):
+        self.names: list[str] = list(names)
+        self.modules: dict[str, ModuleLoRA] = dict(modules)
+        self.configs: dict[str, dict] = dict(configs or {})
+        if len(set(self.names)) != len(self.names):
+            raise ValueError(f"LoRABank: adapter names must be unique, got {self.names}")
+        if not self.names:
+            raise ValueError("LoRABank: needs at least one adapter")
+        for module_name, entry in self.modules.items():
+            if entry.lora_a.shape[0] != len(self.names) or entry.lora_b.shape[0] != len(self.names):
+                raise ValueError(
+                    f"LoRABank: module {module_name!r} stacks {entry.lora_a.shape[0]} adapters, "
+                    f"expected {len(self.names)} ({self.names})"
+                )
+
+    # --- construction ------------------------------------------------------------------------------
+
+    @classmethod
+    def from_peft(
+        cls,
+        adapters: Mapping[str, str | Path] | Iterable[str | Path],
+        *,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+    ) -> LoRABank:
+        """Load PEFT LoRA adapters (directories written by ``save_pretrained``).
+
+        adapters: dict name -> directory, or a list of directories (each named by its folder).
+        dtype/device: of the stacked tensors (default: the files' dtype, CPU). ``patch_model``
+        casts to the model's dtype and device anyway.
+        Raises AdapterLoadError, naming the adapter, for DoRA and other LoRA variants, lora_bias,
+        a trained base bias (bias != "none"), modules_to_save / trainable tokens, embedding LoRA,
+        or PiSSA-style initialisations that rewrite the base weights.
+        """
+        if isinstance(adapters, (str, Path)):
+            raise TypeError(
+                "LoRABank.from_peft: `adapters` must be a dict name -> directory or a list of "
+                f"directories, got the single path {str(adapters)!r} (wrap it in a list)"
+            )
+        if isinstance(adapters, Mapping):
+            named = [(str(name), Path(path)) for name, path in adapters.items()]
+        else:
+            named = [(Path(path).name, Path(path)) for path in adapters]
+        if not named:
+            raise ValueError("LoRABank.from_peft: `adapters` is empty")
+        names = [name for name, _ in named]
+        if len(set(names)) != len(names):
+            raise ValueError(
+                f"LoRABank.from_peft: adapter names must be unique, got {names} "
+                "(pass a dict name -> directory to name them)"
+            )
+        weights, configs = {}, {}
+        for name, path in named:
+            weights[name], configs[name] = read_peft_adapter(name, path)
+        return cls.from_adapters(weights, dtype=dtype, device=device, configs=configs)
+
+    @classmethod
+    def from_adapters(
+        cls,
+        adapters: Mapping[str, Mapping[str, AdapterModule]],
+        *,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+        configs: Mapping[str, dict] | None = None,
+    ) -> LoRABank:
+        """Stack in-memory adapters: {adapter: {module_name: (lora_A [r, d_in], lora_B [d_out, r], scaling)}}.
+
+        The entry point for adapters that do not come from PEFT files (benchmarks, synthetic banks).
+        Mixed ranks are zero-padded to the module's largest rank; an adapter absent from a module
+        is zero there. The folded product scaling * lora_B is computed in float32 (float64 for
+        float64 inputs) before casting to ``dtype`` (default: the promoted dtype of the inputs).
+        """
+        names = list(adapters)
+        module_names: list[str] = []
+        for per_module in adapters.values():
+            module_names += [m for m in per_module if m not in module_names]
+        if dtype is None:
+            dtype = torch.float32
+            found = [
+                t.dtype for per_module in adapters.values() for a, b, _ in per_module.values() for t in (a, b)
+            ]
+            if found:
+                dtype = found[0]
+                for other in found[1:]:
+                    dtype = torch.promote_types(dtype, other)
+        modules = {m: _stack_module(m, names, adapters, dtype, device) for m in module_names}
+        return cls(names, modules, configs)
+
+    # --- inspection --------------------------------------------------------------------------------
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    @property
+    def num_loras(self) -> int:
+        return len(self.names)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by the stacked lora_a/lora_b tensors (padding included)."""
+        return sum(entry.nbytes for entry in self.modules.values())
+
+    @property
+    def dtype(self) -> torch.dtype | None:
+        return next(iter(self.modules.values())).lora_a.dtype if self.modules else None
+
+    @property
+    def device(self) -> torch.device | None:
+        return next(iter(self.modules.values())).lora_a.device if self.modules else None
+
+    def index(self, name: str) -> int:
+        """Position of adapter ``name`` in the stacked tensors."""
+        try:
+            return self.names.index(name)
+        except ValueError:
+            raise KeyError(f"unknown adapter {name!r}; the bank holds {self.names}") from None
+
+    def to(self, dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> LoRABank:
+        """A bank with every module cast/moved; tensors that already match are shared, not copied."""
+        return LoRABank(self.names, {m: e.to(dtype, device) for m, e in self.modules.items()}, self.configs)
+
+    def summary(self) -> str:
+        """Adapters (ranks, scaling, targets), per-module shapes and memory, as readable text."""
+        lines = [
+            f"LoRABank: {len(self.names)} adapters, {len(self.modules)} target modules, "
+            f"{self.nbytes / 2**20:.2f} MiB ({self.dtype}, {self.device}), eagerly loaded"
+        ]
+        for i, name in enumerate(self.names):
+            present = {m: e for m, e in self.modules.items() if e.ranks[i] > 0}
+            ranks = sorted({e.ranks[i] for e in present.values()})
+            scalings = sorted({round(float(e.scaling[i]), 6) for e in present.values()})
+            cfg = self.configs.get(name, {})
+            extra = ", rslora" if cfg.get("use_rslora") else ""
+            lines.append(
+                f"  [{i}] {name}: {len(present)} modules, rank {_span(ranks)}, "
+                f"scaling {_span(scalings)}{extra}"
+            )
+        lines.append("  modules (d_in -> d_out, r_max):")
+        for module_name, e in self.modules.items():
+            lines.append(
+                f"    {module_name}: {e.d_in} -> {e.d_out}, r_max {e.rank}, {e.nbytes / 2**10:.1f} KiB"
+            )
+        return "\n".join(lines)
+
+    def __repr__(self) -> str:
+        return (
+            f"LoRABank(names={self.names}, modules={len(self.modules)}, "
+            f"nbytes={self.nbytes}, dtype={self.dtype})"
+        )
+
+
+def _span(values: list) -> str:
+    if not values:
+        return "-"
+    return str(values[0]) if len(values) == 1 else f"{values[0]}..{values[-1]}"
+
+
+def _stack_module(
+    module_name: str,
+    names: list[str],
+    adapters: Mapping[str, Mapping[str, AdapterModule]],
+    dtype: torch.dtype,
+    device,
+) -> ModuleLoRA:
+    present = {name: adapters[name][module_name] for name in names if module_name in adapters[name]}
+    shapes = {name: (a.shape[1], b.shape[0]) for name, (a, b, _) in present.items()}
+    if len(set(shapes.values())) > 1:
+        raise ValueError(
+            f"LoRABank: adapters disagree on the shape of {module_name!r} (d_in, d_out): {shapes}"
+        )
+    for name, (a, b, _) in present.items():
+        if a.dim() != 2 or b.dim() != 2 or a.shape[0] != b.shape[1]:
+            raise ValueError(
+                f"LoRABank: adapter {name!r}, module {module_name!r}: lora_A {tuple(a.shape)} and "
+                f"lora_B {tuple(b.shape)} are not [r, d_in] and [d_out, r]"
+            )
+    d_in, d_out = next(iter(shapes.values()))
+    r_max = max(a.shape[0] for a, _, _ in present.values())
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    lora_a = torch.zeros(len(names), r_max, d_in, dtype=dtype, device=device)
+    lora_b = torch.zeros(len(names), d_out, r_max, dtype=dtype, device=device)
+    scaling = torch.zeros(len(names), dtype=torch.float32)
+    ranks = []
+    for i, name in enumerate(names):
+        if name not in present:
+            ranks.append(0)
+            continue
+        a, b, s = present[name]
+        r = a.shape[0]
+        lora_a[i, :r] = a.to(device=device, dtype=dtype)
+        lora_b[i, :, :r] = (b.to(device=device, dtype=acc) * s).to(dtype)
+        scaling[i] = s
+        ranks.append(r)
+    return ModuleLoRA(lora_a, lora_b, scaling, tuple(ranks))
+
+
+# --- PEFT adapter directories ----------------------------------------------------------------------
+
+
+def read_peft_adapter(name: str, path: str | Path) -> tuple[dict[str, AdapterModule], dict]:
+    """Read one PEFT LoRA adapter directory: ({module_name: (lora_A, lora_B, scaling)}, config dict).
+
+    Module names are the base model's (PEFT's ``base_model.model.`` prefix stripped). The rank and
+    alpha of each module follow PEFT: rank_pattern / alpha_pattern keys matched with PEFT's own
+    ``get_pattern_key``, scaling = alpha / r, or alpha / sqrt(r) with use_rslora. Weights of
+    modules that target_modules (regex: full match; list: suffix match), exclude_modules or
+    layers_to_transform rule out are skipped with a warning, as PEFT would not load them.
+    """
+    path = Path(path)
+    config_file = path / CONFIG_NAME
+    if not config_file.is_file():
+        raise AdapterLoadError(f"adapter {name!r}: no {CONFIG_NAME} in {str(path)!r}")
+    raw = json.loads(config_file.read_text())
+    config = _lora_config(name, path, raw)
+    tensors = _read_tensors(name, path)
+
+    lora_a: dict[str, torch.Tensor] = {}
+    lora_b: dict[str, torch.Tensor] = {}
+    unexpected, base_copies = [], []
+    for key, tensor in tensors.items():
+        module_key = key[len(PEFT_PREFIX) :] if key.startswith(PEFT_PREFIX) else key
+        if module_key.endswith(".base_layer.weight"):
+            base_copies.append(module_key[: -len(".base_layer.weight")])
+        elif module_key.endswith(".lora_A.weight"):
+            lora_a[module_key[: -len(".lora_A.weight")]] = tensor
+        elif module_key.endswith(".lora_B.weight"):
+            lora_b[module_key[: -len(".lora_B.weight")]] = tensor
+        else:
+            unexpected.append(key)
+    if unexpected:
+        raise AdapterLoadError(
+            f"adapter {name!r} ({str(path)!r}) holds tensors that are not LoRA A/B weights of Linear layers: "
+            f"{unexpected[:6]}{' ...' if len(unexpected) > 6 else ''}. dlp-lora only mixes LoRA deltas; "
+            "modules_to_save, trainable tokens, embedding LoRA and LoRA biases cannot be mixed per sequence, "
+            "so such adapters are refused rather than silently applied in part."
+        )
+    if base_copies:
+        # PEFT (save_embedding_layers="auto") stores a copy of the base weight of a targeted lm_head /
+        # embedding layer. The model's own weight is used instead: the same tensor when the adapter was
+        # trained on this base model; a resized vocabulary shows up as a shape misfit in patch_model.
+        warnings.warn(
+            f"adapter {name!r} also stores base-layer weights of {base_copies}; dlp-lora keeps the "
+            "model's own weights (right when the adapter was trained on this base model)",
+            UserWarning,
+            stacklevel=3,
+        )
+    if set(lora_a) != set(lora_b):
+        missing = sorted(set(lora_a) ^ set(lora_b))
+        raise AdapterLoadError(f"adapter {name!r}: modules {missing[:6]} have only one of lora_A / lora_B")
+    if not lora_a:
+        raise AdapterLoadError(f"adapter {name!r} ({str(path)!r}) holds no LoRA weights")
+
+    from peft.tuners.tuners_utils import check_target_module_exists
+
+    modules: dict[str, AdapterModule] = {}
+    skipped = []
+    for module_name, a in lora_a.items():
+        matched = check_target_module_exists(config, module_name)
+        # PEFT returns a falsy value or an _ExcludedModule marker (truthy!) for modules it would not adapt.
+        if not matched or type(matched).__name__ == "_ExcludedModule":
+            skipped.append(module_name)
+            continue
+        b = lora_b[module_name]
+        rank_pattern, alpha_pattern = config.rank_pattern or {}, config.alpha_pattern or {}
+        r = rank_pattern.get(_get_pattern_key(rank_pattern, module_name), config.r)
+        alpha = alpha_pattern.get(_get_pattern_key(alpha_pattern, module_name), config.lora_alpha)
+        if a.shape[0] != r or b.shape[1] != r:
+            raise AdapterLoadError(
+                f"adapter {name!r}, module {module_name!r}: the config gives rank {r} (r / rank_pattern) but "
+                f"lora_A is {tuple(a.shape)} and lora_B is {tuple(b.shape)}"
+            )
+        scaling = alpha / math.sqrt(r) if config.use_rslora else alpha / r
+        modules[module_name] = (a, b, float(scaling))
+    if skipped:
+        warnings.warn(
+            f"adapter {name!r}: weights for {skipped[:4]}{' ...' if len(skipped) > 4 else ''} are not "
+            "selected by its target_modules / exclude_modules / layers_to_transform; PEFT would not "
+            "load them, so they are ignored",
+            UserWarning,
+            stacklevel=3,
+        )
+    if not modules:
+        raise AdapterLoadError(
+            f"adapter {name!r}: none of its weights match its target_modules {config.target_modules!r}"
+        )
+    return modules, raw
+
+
+def _lora_config(name: str, path: Path, raw: dict):
+    """Parse adapter_config.json with PEFT's own LoraConfig; refuse what a plain delta cannot express."""
+    peft_type = str(raw.get("peft_type", "LORA")).upper()
+    if peft_type != "LORA":
+        raise AdapterLoadError(
+            f"adapter {name!r}: peft_type is {peft_type!r}, only LoRA adapters are supported"
+        )
+    from peft import LoraConfig
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # PEFT warns about fields of newer versions it drops
+        config = LoraConfig.from_pretrained(str(path))
+
+    def refuse(what: str, hint: str = ""):
+        raise AdapterLoadError(
+            f"adapter {name!r} ({str(path)!r}) uses {what}, which dlp-lora does not support"
+            + (f": {hint}" if hint else "")
+        )
+
+    # Every LoRA variant PEFT knows (DoRA, aLoRA, VeLoRA, ...) changes the forward, not just the delta;
+    # PEFT tags them in LoraConfig's field metadata, so new variants are refused too.
+    fields = {field.name: field for field in dataclasses.fields(config)}
+    for field in fields.values():
+        if field.metadata.get("is_lora_variant") and getattr(config, field.name, None):
+            refuse(
+                f"the LoRA variant {field.name}={getattr(config, field.name)!r}",
+                "only plain LoRA deltas B A x are mixed",
+            )
+    init = config.init_lora_weights
+    init_variants = (
+        fields["init_lora_weights"].metadata.get("lora_variants", []) if "init_lora_weights" in fields else []
+    )
+    if isinstance(init, str) and (init in init_variants or init.lower().startswith(BASE_MODIFYING_INITS)):
+        refuse(
+            f"init_lora_weights={init!r}",
+            "this initialisation rewrites the base weights; re-save the "
+            "adapter with save_pretrained(path_initial_model_for_weight_conversion=...) first",
+        )
+    if getattr(config, "lora_bias", False):
+        refuse("lora_bias=True", "a trained bias on lora_B is not part of the mixed delta")
+    if config.bias != "none":
+        refuse(f"bias={config.bias!r}", "it trains the base model's biases, which cannot differ per sequence")
+    if getattr(config, "target_parameters", None):
+        refuse(f"target_parameters={config.target_parameters!r}", "only Linear / Conv1D modules are patched")
+    if getattr(config, "layer_replication", None):
+        refuse("layer_replication", "it changes the base model's structure")
+    if getattr(config, "use_qalora", False):
+        refuse("use_qalora=True")
+    return config
+
+
+def _read_tensors(name: str, path: Path) -> dict[str, torch.Tensor]:
+    if (path / SAFETENSORS_NAME).is_file():
+        from safetensors.torch import load_file
+
+        return load_file(str(path / SAFETENSORS_NAME), device="cpu")
+    if (path / BIN_NAME).is_file():
+        # Older PEFT (safe_serialization=False). weights_only refuses anything but tensors.
+        return torch.load(path / BIN_NAME, map_location="cpu", weights_only=True)
+    raise AdapterLoadError(f"adapter {name!r}: neither {SAFETENSORS_NAME} nor {BIN_NAME} in {str(path)!r}")
+
+
+def _get_pattern_key(pattern_keys, module_name: str) -> str:
+    """PEFT's rank_pattern / alpha_pattern lookup: the first key matching a dotted suffix of the name."""
+    try:
+        from peft.utils.other import get_pattern_key
+    except ImportError:  # peft < 0.14 kept this inline; same semantics
+        import re
+
+        def get_pattern_key(keys, key):
+            return next((k for k in keys if re.match(rf"(.*\.)?({k})$", key)), key)
+
+    return get_pattern_key(list(pattern_keys), module_name)
