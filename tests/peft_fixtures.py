@@ -18,7 +18,7 @@ SPECIAL = ["<pad>", "<unk>", "<eos>"]
 PUNCT = [".", "!", "?", ","]
 FILLER = ["the", "a", "of", "and", "to", "is", "in", "it"]
 TASKS = ("alpha", "beta", "gamma")
-TASK_WORDS = {task: [f"{task[:2]}{i}" for i in range(16)] for task in TASKS}
+TASK_WORDS = {task: [f"{task[:2]}{i}" for i in range(8)] for task in TASKS}
 VOCAB_SIZE = 96  # >= the tokenizer's 66 words; extra ids are never produced by the tokenizer
 
 
@@ -35,11 +35,11 @@ def word_tokenizer():
     )
 
 
-def task_sentence(task: str, rng: torch.Generator, length: int = 8) -> str:
-    """`length` words, mostly from the task's own words, some shared filler."""
+def task_sentence(task: str, rng: torch.Generator, length: int = 8, p_task: float = 0.75) -> str:
+    """`length` words: from the task's own words with probability p_task, else shared filler."""
     words = []
     for _ in range(length):
-        pool = TASK_WORDS[task] if torch.rand(1, generator=rng).item() < 0.75 else FILLER
+        pool = TASK_WORDS[task] if torch.rand(1, generator=rng).item() < p_task else FILLER
         words.append(pool[int(torch.randint(len(pool), (1,), generator=rng))])
     return " ".join(words)
 

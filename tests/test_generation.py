@@ -1,0 +1,283 @@
+"""Routing inside forward() / generate(): prompt routing, sentence spans, decode-time rerouting.
+
+Mechanics are checked with a deterministic counting router (which adapter's words dominate the
+history), exactness against a chunked computation with use_mixture; check 5 of the patching
+issue uses a real Router trained with Router.train.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from peft_fixtures import (
+    TASK_WORDS,
+    TASKS,
+    default_backend,
+    left_pad,
+    make_adapter,
+    task_sentence,
+    tiny_model,
+    word_tokenizer,
+)
+from transformers import LogitsProcessor, LogitsProcessorList
+
+from dlp_lora import LoRABank, Router, patch_model, use_mixture
+from dlp_lora.generation import sentence_end_ids
+from dlp_lora.routing import route_top_p
+
+BACKEND = default_backend()
+ATOL = 1e-5
+TOP_P = 0.9  # the counting router's probabilities then often keep two adapters: weights matter
+
+
+class CountingRouter:
+    """Router stand-in: probability of a task ~ 0.5 + how many of its words the text holds."""
+
+    def __init__(self, tokenizer, label_names=TASKS):
+        self.tokenizer = tokenizer
+        self.label_names = list(label_names)
+        self.word_ids = [set(tokenizer.convert_tokens_to_ids(TASK_WORDS[t])) for t in self.label_names]
+        self.calls: list[list[list[int]]] = []  # the real tokens of every routed row
+
+    def probs(self, input_ids, attention_mask=None):
+        rows = [
+            [t for t, m in zip(ids, mask, strict=True) if m]
+            for ids, mask in zip(input_ids.tolist(), attention_mask.tolist(), strict=True)
+        ]
+        self.calls.append(rows)
+        counts = torch.tensor([[sum(t in words for t in row) for words in self.word_ids] for row in rows])
+        return (counts + 0.5) / (counts + 0.5).sum(-1, keepdim=True)
+
+    def route(self, input_ids, attention_mask=None, *, top_p=0.6, max_loras=None):
+        return route_top_p(self.probs(input_ids, attention_mask), top_p, max_loras)
+
+    def mixture(self, tokens: list[int]) -> dict[str, float]:
+        ids, weights = self.route(torch.tensor([tokens]), torch.ones(1, len(tokens)), top_p=TOP_P)
+        return {
+            self.label_names[i]: w
+            for i, w in zip(ids[0].tolist(), weights[0].tolist(), strict=True)
+            if i >= 0
+        }
+
+
+class ForceTokens(LogitsProcessor):
+    """Greedy generation that emits forced[b][step] for every sequence b (raw logits stay visible)."""
+
+    def __init__(self, forced: list[list[int]], prompt_length: int):
+        self.forced, self.prompt_length = forced, prompt_length
+
+    def __call__(self, input_ids, scores):
+        step = input_ids.shape[1] - self.prompt_length
+        out = torch.full_like(scores, float("-inf"))
+        for b, tokens in enumerate(self.forced):
+            out[b, tokens[step]] = 0.0
+        return out
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return word_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def task_adapters(tmp_path_factory):
+    base = tiny_model("llama", seed=7)
+    root = tmp_path_factory.mktemp("task_adapters")
+    return base, {t: make_adapter(base, root / t, seed=70 + i) for i, t in enumerate(TASKS)}
+
+
+def _patched(task_adapters, router, reroute, label_order=TASKS):
+    import copy
+
+    base, adapters = task_adapters
+    bank = LoRABank.from_peft({t: adapters[t] for t in label_order})
+    return patch_model(copy.deepcopy(base), bank, router, top_p=TOP_P, reroute=reroute, backend=BACKEND)
+
+
+def _generate(model, ids, mask, forced):
+    with torch.no_grad():
+        out = model.generate(
+            input_ids=ids,
+            attention_mask=mask,
+            max_new_tokens=len(forced[0]),
+            do_sample=False,
+            pad_token_id=0,
+            output_logits=True,
+            return_dict_in_generate=True,
+            logits_processor=LogitsProcessorList([ForceTokens(forced, ids.shape[1])]),
+        )
+    return torch.stack(out.logits, dim=1)  # [B, steps, vocab], before the forcing
+
+
+def _chunked_logits(model, tokens: list[int], pieces: list[tuple[int, dict]]) -> torch.Tensor:
+    """Logits of ``tokens`` computed chunk by chunk with a KV cache, mixture m from position start on."""
+    ids, cache, logits = torch.tensor([tokens]), None, []
+    bounds = [start for start, _ in pieces] + [len(tokens)]
+    with torch.no_grad():
+        for (start, mixture), end in zip(pieces, bounds[1:], strict=True):
+            with use_mixture(model, [mixture]):
+                out = model(input_ids=ids[:, start:end], cache=cache, use_cache=True)
+            cache = out.cache
+            logits.append(out.logits[0])
+    return torch.cat(logits)
+
+
+def _records(model, sequence):
+    return [r for r in model.dlp_routing_log if r.sequence == sequence]
+
+
+def _top(record) -> str:
+    return record.adapters[max(range(len(record.weights)), key=record.weights.__getitem__)]
+
+
+def test_sentence_end_ids(tok):
+    ends = sentence_end_ids(tok)
+    assert ends == set(tok.convert_tokens_to_ids([".", "!", "?"]))
+
+
+def test_sentence_end_ids_byte_level():
+    """Byte-level BPE (GPT-2 / Llama-3 style): '.', ' end.' and newline tokens end sentences."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    raw = Tokenizer(models.BPE())
+    raw.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    raw.decoder = decoders.ByteLevel()
+    texts = ["the end. it is over!\nnew line here? yes.", "a b c d. e f g!"] * 50
+    trainer = trainers.BpeTrainer(vocab_size=300, initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    raw.train_from_iterator(texts, trainer)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=raw)
+    ends = sentence_end_ids(tokenizer)
+    texts_of = {i: tokenizer.decode([i]) for i in range(len(tokenizer))}
+    assert {i for i, t in texts_of.items() if t.rstrip().endswith((".", "!", "?")) or "\n" in t} == ends
+    assert tokenizer.convert_tokens_to_ids("\u010a") in ends  # the newline byte
+    assert tokenizer.convert_tokens_to_ids("the") not in ends
+
+
+def test_prompt_routing_with_padding_equals_alone(task_adapters, tok):
+    """Prompt routing per sequence; left padding never reaches the router nor changes a result."""
+    router = CountingRouter(tok)
+    model = _patched(task_adapters, router, "prompt")
+    prompts = [tok(t)["input_ids"] for t in ("al1 al2 al3 the", "be1 be2 . be4 be5 al3 of be6", "ga1")]
+    forced = [tok("al1 . be2 ga3")["input_ids"]] * 3
+    ids, mask = left_pad(prompts)
+    batch_logits = _generate(model, ids, mask, forced)
+    log = list(model.dlp_routing_log)  # each generate() below starts a new log
+    assert router.calls == [prompts]  # one router call, real tokens only
+    assert [(r.step, r.sequence, r.position, r.reason) for r in log] == [
+        (0, b, 0, "prompt") for b in range(3)
+    ]  # prompt mode never reroutes while decoding, though "." was generated
+    assert [_top(r) for r in log] == ["alpha", "beta", "gamma"]
+    for b, prompt in enumerate(prompts):
+        expected = router.mixture(prompt)
+        record = log[b]
+        assert dict(zip(record.adapters, record.weights, strict=True)) == pytest.approx(expected)
+        alone = _generate(model, torch.tensor([prompt]), None, [forced[b]])
+        torch.testing.assert_close(batch_logits[b], alone[0], atol=ATOL, rtol=0)
+        # exactness: the same as use_mixture with the routed mixture
+        reference = _chunked_logits(model, prompt + forced[b][:-1], [(0, expected)])
+        torch.testing.assert_close(alone[0], reference[len(prompt) - 1 :], atol=ATOL, rtol=0)
+
+
+def test_sentence_spans_in_the_prompt(task_adapters, tok):
+    """reroute='sentence': each prompt sentence is a segment, routed on the prompt up to its end."""
+    router = CountingRouter(tok)
+    model = _patched(task_adapters, router, "sentence")
+    prompt = tok("al1 al2 al3 . . be1 be2 be3 be4 be5 be6 ! ga1")["input_ids"]
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([prompt])).logits[0]
+    spans = [(0, prompt[:3]), (3, prompt[:11]), (11, prompt)]  # the 2nd "." continues its run
+    assert [(r.step, r.position, r.reason) for r in model.dlp_routing_log] == [
+        (0, s, "sentence") for s, _ in spans
+    ]
+    assert [_top(r) for r in model.dlp_routing_log] == ["alpha", "beta", "beta"]
+    reference = _chunked_logits(model, prompt, [(start, router.mixture(history)) for start, history in spans])
+    torch.testing.assert_close(logits, reference, atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("label_order", [TASKS, TASKS[::-1]])
+def test_sentence_rerouting_while_decoding(task_adapters, tok, label_order):
+    """At a generated sentence end the sequence is routed again on its history; batch == alone == chunked.
+
+    label_order reverses the bank against the router's labels: routing must map names, not indices.
+    """
+    router = CountingRouter(tok)
+    model = _patched(task_adapters, router, "sentence", label_order)
+    prompts = [tok("al1 al2 al3 al4 al5")["input_ids"], tok("ga1 ga2 ga3")["input_ids"]]
+    forced = [
+        tok("be1 be2 be3 be4 be5 be6 be7 be0 . ga1 ga2")["input_ids"],
+        tok("ga4 ! ! al1 al2 al3 al4 al5 al6 al7 ?")["input_ids"],
+    ]
+    ids, mask = left_pad(prompts)
+    batch_logits = _generate(model, ids, mask, forced)
+    log = list(model.dlp_routing_log)
+    # sequence 0: "." is forced[0][8], processed at step 9, position 5 + 8 = 13
+    # sequence 1: "!" is forced[1][1], step 2, position 4; the second "!" continues its run; the final "?"
+    # is emitted by the last step, never processed
+    assert [(r.step, r.sequence, r.position) for r in log] == [(0, 0, 0), (0, 1, 0), (2, 1, 4), (9, 0, 13)]
+    assert [_top(r) for r in log] == ["alpha", "gamma", "gamma", "beta"]
+    for b, (prompt, tokens) in enumerate(zip(prompts, forced, strict=True)):
+        alone = _generate(model, torch.tensor([prompt]), None, [tokens])
+        assert [(r.step, r.position, r.adapters, r.weights) for r in model.dlp_routing_log] == [
+            (r.step, r.position, r.adapters, r.weights) for r in log if r.sequence == b
+        ]
+        torch.testing.assert_close(batch_logits[b], alone[0], atol=ATOL, rtol=0)
+        sequence = prompt + tokens[:-1]
+        boundary = next(r.position for r in log if r.sequence == b and r.step > 0)
+        pieces = [(0, router.mixture(prompt)), (boundary, router.mixture(sequence[: boundary + 1]))]
+        reference = _chunked_logits(model, sequence, pieces)
+        torch.testing.assert_close(alone[0], reference[len(prompt) - 1 :], atol=ATOL, rtol=0)
+
+
+def test_continuation_without_prefill_is_refused(task_adapters, tok):
+    base, _ = task_adapters
+    with torch.no_grad():
+        cache = base(input_ids=torch.tensor([[5, 6, 7]]), use_cache=True).cache
+    model = _patched(task_adapters, CountingRouter(tok), "sentence")
+    with pytest.raises(RuntimeError, match="no matching prefill"), torch.no_grad():
+        model(input_ids=torch.tensor([[8]]), cache=cache)
+
+
+def test_trained_router_routes_held_out_prompts_and_reroutes(task_adapters, tok):
+    """5. A Router trained on separable tasks routes held-out prompts right, and with
+    reroute='sentence' a prompt that switches task mid-way changes mixture at the boundary."""
+    gen = torch.Generator().manual_seed(0)
+    texts, labels = [], []
+    for task in TASKS:
+        for _ in range(120):
+            texts.append(task_sentence(task, gen, length=int(torch.randint(4, 12, (1,), generator=gen))))
+            labels.append(task)
+    router = Router.train(
+        texts,
+        labels,
+        tok,
+        epochs=5,
+        lr=5e-3,
+        batch_size=16,
+        num_buckets=2**14,
+        embed_dim=32,
+        hidden=64,
+        verbose=False,
+    )
+    held_out = [
+        (task, task_sentence(task, gen, length=n)) for n in (5, 9) for _ in range(5) for task in TASKS
+    ]
+    truth = [task for task, _ in held_out]
+    predicted = router.predict([text for _, text in held_out])
+    assert sum(p == t for p, t in zip(predicted, truth, strict=True)) >= 0.9 * len(truth)
+
+    # Inside the patched model (padded batch, prompt routing) every prompt goes where the router says.
+    model = _patched(task_adapters, router, "prompt")
+    ids, mask = left_pad([tok(text)["input_ids"] for _, text in held_out])
+    with torch.no_grad():
+        model(input_ids=ids, attention_mask=mask)
+    assert [_top(r) for r in model.dlp_routing_log] == predicted
+    assert all(abs(sum(r.weights) - 1) < 1e-5 for r in model.dlp_routing_log)
+
+    model = _patched(task_adapters, router, "sentence")
+    first = task_sentence("alpha", gen, length=6, p_task=1.0)
+    switch = tok(first + " . " + task_sentence("gamma", gen, length=16, p_task=1.0))["input_ids"]
+    with torch.no_grad():
+        model.generate(input_ids=torch.tensor([switch]), max_new_tokens=3, do_sample=False, pad_token_id=0)
+    prefill = [r for r in model.dlp_routing_log if r.step == 0]
+    assert [(r.position, _top(r)) for r in prefill] == [(0, "alpha"), (len(tok(first)["input_ids"]), "gamma")]
