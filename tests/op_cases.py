@@ -215,19 +215,21 @@ def assert_matches_reference(
     *,
     case: OpCase | None = None,
     tol: tuple[float, float] | None = None,
+    delta: torch.Tensor | None = None,
 ) -> None:
     """Check one call of a backend against the float64 oracle and the in-place contract.
 
     y_before [T, d_out]: a clone of y taken before the call; y_after: y after it; args: the
     other inputs as passed. Rows with no contribution (before the first segment, in empty
     segments, or in segments whose slots are all -1) must be bit-identical to y_before.
+    ``delta``: reference_delta(args), when the caller checks several backends on the same inputs.
     """
     what = f"{backend}/{dtype}" + (f" on {case.id}" if case is not None else "")
     assert y_after.dtype == dtype and y_after.shape == y_before.shape, what
     rel_rms_tol, elem_tol = tol or tolerance(backend, dtype)
-    _, x, lora_a, lora_b, seg_indptr, lora_ids, lora_weights = args
-    delta = multi_lora_delta(x.cpu(), lora_a.cpu(), lora_b.cpu(), seg_indptr.cpu(), lora_ids.cpu(),
-                             lora_weights.cpu(), dtype=torch.float64)
+    seg_indptr, lora_ids = args[4], args[5]
+    if delta is None:
+        delta = reference_delta(args)
     expected = y_before.cpu().double() + delta
     got = y_after.cpu().double()
 
@@ -249,6 +251,13 @@ def assert_matches_reference(
         f"{what}: rel-RMS error {rel_rms:.3g} (bound {rel_rms_tol:g}); worst element [{row}, {col}] "
         f"got {float(got[row, col]):.6g} expected {float(expected[row, col]):.6g} "
         f"(elementwise bound {float(bound[row, col]):.3g})")
+
+
+def reference_delta(args: OpTensors) -> torch.Tensor:
+    """The float64 delta [T, d_out] of the op on these (already rounded) inputs, on CPU."""
+    _, x, lora_a, lora_b, seg_indptr, lora_ids, lora_weights = args
+    return multi_lora_delta(x.cpu(), lora_a.cpu(), lora_b.cpu(), seg_indptr.cpu(), lora_ids.cpu(),
+                            lora_weights.cpu(), dtype=torch.float64)
 
 
 def _rows_with_delta(seg_indptr: torch.Tensor, lora_ids: torch.Tensor, T: int) -> torch.Tensor:

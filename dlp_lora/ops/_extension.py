@@ -14,6 +14,7 @@ def load_extension():
     try:
         from dlp_lora import _C  # noqa: F401  (registers torch.ops.dlp_lora_C.*)
 
+        from . import _fake  # noqa: F401  (fake impl of torch.ops.dlp_lora_C.multi_lora)
         module = _C
     except Exception as exc:  # ImportError, undefined symbol, ABI mismatch...
         module = None
