@@ -1,0 +1,462 @@
+"""The DLP-LoRA router: a mini-MLP that reads the base model's own token ids and scores adapters.
+
+The paper's router is a 4-layer MLP of about 5M parameters. To run inside the model's
+forward on ``input_ids`` without a second tokenizer, it featurises the base model's token
+ids directly: every token (unigram) and every adjacent pair (bigram) is hashed into one of
+``num_buckets`` buckets, an ``nn.EmbeddingBag`` averages the buckets' vectors over the
+sequence, and the MLP maps that average to logits over the adapter (label) names.
+Padding is excluded through ``attention_mask``, so left or right padding gives the same result.
+
+    router = Router.train(texts, labels, tokenizer)      # prints held-out accuracy
+    router.save("router/"); router = Router.load("router/")
+    lora_ids, weights = router.route(input_ids, attention_mask, top_p=0.6)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import types
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+from tqdm.auto import tqdm
+
+from .routing import check_max_loras, check_top_p, route_top_p
+
+__all__ = ["Router", "hashed_features"]
+
+WEIGHTS_NAME = "router.safetensors"
+CONFIG_NAME = "router_config.json"
+TOKENIZER_DIR = "tokenizer"
+FORMAT = "dlp-lora-router"
+FORMAT_VERSION = 1
+# Saved routers are only valid with the hash they were trained with: bump this if it changes.
+HASHING = "unigram+bigram mod (2^31-1), v1"
+
+# Hashing constants. Python's hash() is salted per process, so buckets come from fixed
+# arithmetic instead. Every operand is reduced mod the Mersenne prime 2^31-1 and every
+# multiplier is a prime below 2^31, so no int64 product can overflow (< 2^62), and the
+# result is identical on every device. Reducing mod a prime mixes high and low bits before
+# the final mod num_buckets (a power of two would otherwise see only the low bits).
+_MOD = 2**31 - 1
+_UNI_MUL = 1_000_000_007
+_BI_PREV_MUL = 1_000_003
+_BI_MUL = 998_244_353
+_BI_ADD = 754_974_721
+
+
+def hashed_features(
+    input_ids: torch.Tensor, attention_mask: torch.Tensor | None, num_buckets: int
+) -> torch.Tensor:
+    """Hash unigrams and bigrams of token ids into embedding-bag buckets.
+
+    Args:
+        input_ids: [B, L] integer token ids of the base model.
+        attention_mask: [B, L] (1 = token, 0 = padding) or None (no padding).
+        num_buckets: buckets in [0, num_buckets); ``num_buckets`` itself marks "no feature".
+
+    Returns:
+        [B, 2L-1] int64 (L unigram then L-1 bigram slots; [B, 0] when L == 0): a bucket per
+        unmasked token and per pair of adjacent unmasked tokens, ``num_buckets`` elsewhere.
+        The set of buckets of a row does not depend on where its padding sits.
+    """
+    ids = input_ids.long() % _MOD
+    valid = torch.ones_like(ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+    unigrams = (ids * _UNI_MUL) % _MOD % num_buckets
+    unigrams = unigrams.masked_fill(~valid, num_buckets)
+    pair = (ids[:, :-1] * _BI_PREV_MUL + ids[:, 1:]) % _MOD
+    bigrams = (pair * _BI_MUL + _BI_ADD) % _MOD % num_buckets
+    bigrams = bigrams.masked_fill(~(valid[:, :-1] & valid[:, 1:]), num_buckets)
+    return torch.cat([unigrams, bigrams], dim=1)
+
+
+def _check_arch(num_buckets, embed_dim, hidden, num_layers, dropout) -> dict:
+    for name, value, low in (("num_buckets", num_buckets, 2), ("embed_dim", embed_dim, 1),
+                             ("hidden", hidden, 1), ("num_layers", num_layers, 1)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+    if num_buckets > _MOD:
+        raise ValueError(f"num_buckets must be <= 2^31-1, got {num_buckets}")
+    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
+        raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
+    return dict(num_buckets=num_buckets, embed_dim=embed_dim, hidden=hidden, num_layers=num_layers,
+                dropout=float(dropout))
+
+
+def _check_label_names(label_names) -> list[str]:
+    if isinstance(label_names, str) or not isinstance(label_names, Sequence) or not label_names:
+        raise ValueError(f"label_names must be a non-empty list of str, got {label_names!r}")
+    names = list(label_names)
+    bad = [n for n in names if not isinstance(n, str) or not n]
+    if bad:
+        raise ValueError(f"label_names must be non-empty strings, got {bad[:5]!r}")
+    if len(set(names)) != len(names):
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        raise ValueError(f"label_names must be unique, duplicated: {dupes}")
+    return names
+
+
+def _check_texts(texts, arg: str = "texts") -> list[str]:
+    if isinstance(texts, str) or not isinstance(texts, Sequence):
+        raise ValueError(f"{arg} must be a list of str, got {type(texts).__name__}")
+    for i, t in enumerate(texts):
+        if not isinstance(t, str):
+            raise ValueError(f"{arg}[{i}] must be a str, got {type(t).__name__}")
+        if not t.strip():
+            raise ValueError(f"{arg}[{i}] is an empty text")
+    return list(texts)
+
+
+def _encode(tokenizer, texts: list[str], max_length: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Tokenise in one batch call (fast tokenizers run it in Rust) and right-pad.
+
+    Returns input_ids [n, L] int64 and attention_mask [n, L] int64. Pads with id 0 and a
+    zero mask, so the tokenizer needs no pad token.
+    """
+    kwargs = dict(truncation=True, max_length=max_length) if max_length else {}
+    seqs = tokenizer(texts, **kwargs)["input_ids"]
+    lengths = torch.tensor([len(s) for s in seqs], dtype=torch.long)
+    L = int(lengths.max()) if len(seqs) else 0
+    mask = torch.arange(L) < lengths[:, None]
+    ids = torch.zeros(len(seqs), L, dtype=torch.long)
+    ids[mask] = torch.tensor([t for s in seqs for t in s], dtype=torch.long)
+    return ids, mask.long()
+
+
+def _module_train(self: nn.Module, mode: bool = True, *data, **kwargs):
+    """nn.Module.train(mode) for an instance; catches a data call meant for the class."""
+    if data or kwargs or not isinstance(mode, bool):
+        raise TypeError("router.train(mode) sets training mode; to train a router on data call the class: "
+                        "Router.train(texts, labels, tokenizer)")
+    return nn.Module.train(self, mode)
+
+
+class _TrainOnClassOrInstance:
+    """``Router.train(texts, labels, tokenizer)`` on the class trains a new router (the public
+    API); ``router.train(mode)`` on an instance stays nn.Module.train, which ``eval()`` and a
+    parent model's ``.train()`` call."""
+
+    def __get__(self, obj, objtype=None):
+        if obj is None:
+            return objtype.fit
+        return types.MethodType(_module_train, obj)
+
+
+class Router(nn.Module):
+    """Mini-MLP router over hashed unigram+bigram features of the base model's token ids.
+
+    Args:
+        label_names: adapter names, one per output logit (order = logit index).
+        num_buckets: hash buckets of the embedding bag (default 2**16).
+        embed_dim: embedding width (default 64).
+        hidden: MLP width (default 512).
+        num_layers: Linear layers in the MLP (default 4, as in the paper).
+        dropout: dropout between MLP layers during training.
+
+    The default architecture has about 4.8M parameters (4.2M of them in the embedding bag).
+
+    Attributes:
+        label_names: list[str]; config: dict (the arch arguments); tokenizer: the tokenizer it
+        was trained with (saved with it) or None; val_accuracy: held-out accuracy or None.
+    """
+
+    train = _TrainOnClassOrInstance()
+
+    def __init__(self, label_names: Sequence[str], *, num_buckets: int = 2**16, embed_dim: int = 64,
+                 hidden: int = 512, num_layers: int = 4, dropout: float = 0.1):
+        super().__init__()
+        self.label_names = _check_label_names(label_names)
+        self.config = _check_arch(num_buckets, embed_dim, hidden, num_layers, dropout)
+        self.tokenizer = None
+        self.val_accuracy: float | None = None
+        # bucket num_buckets is the "no feature" slot: excluded from the mean
+        self.embed = nn.EmbeddingBag(num_buckets + 1, embed_dim, mode="mean", padding_idx=num_buckets)
+        # Small initial vectors (fastText's choice): at inference most bigrams of a new sentence
+        # were never seen in training, and their untrained vectors must add next to nothing to the
+        # mean. With the default N(0, 1) they drowned the learned features (held-out accuracy fell
+        # from ~100% to ~80% on separable tasks). For the same reason there is no LayerNorm on the
+        # mean: it would scale that small noise back up.
+        nn.init.uniform_(self.embed.weight, -1.0 / embed_dim, 1.0 / embed_dim)
+        with torch.no_grad():
+            self.embed.weight[num_buckets].zero_()
+        widths = [embed_dim] + [hidden] * (num_layers - 1) + [len(self.label_names)]
+        layers: list[nn.Module] = []
+        for i, (w_in, w_out) in enumerate(zip(widths[:-1], widths[1:], strict=True)):
+            if i:
+                layers += [nn.GELU(), nn.Dropout(dropout)]
+            layers.append(nn.Linear(w_in, w_out))
+        self.mlp = nn.Sequential(*layers)
+
+    def extra_repr(self) -> str:
+        return f"labels={self.label_names}"
+
+    @property
+    def num_buckets(self) -> int:
+        return self.config["num_buckets"]
+
+    # ------------------------------------------------------------------ inference
+
+    def features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """[B, L] token ids (+ mask) -> [B, 2L-1] int64 bucket ids (see :func:`hashed_features`)."""
+        return hashed_features(input_ids, attention_mask, self.num_buckets)
+
+    def forward_features(self, bags: torch.Tensor) -> torch.Tensor:
+        """[B, F] int64 bucket ids (``num_buckets`` = none) -> logits [B, N] float32."""
+        pooled = self.embed(bags.to(self.embed.weight.device))
+        return self.mlp(pooled).float()
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits over ``label_names``.
+
+        Args:
+            input_ids: [B, L] integer token ids of the base model (any device).
+            attention_mask: [B, L] (1 = token, 0 = padding) or None.
+        Returns:
+            logits [B, N] float32 on the router's device.
+        Raises:
+            ValueError: bad shapes/dtypes, or an empty prompt (L == 0 or a row with no token).
+        """
+        self._check_inputs(input_ids, attention_mask)
+        device = self.embed.weight.device
+        mask = None if attention_mask is None else attention_mask.to(device)
+        return self.forward_features(self.features(input_ids.to(device), mask))
+
+    def probs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Softmax of :meth:`forward`: [B, N] float32."""
+        return torch.softmax(self(input_ids, attention_mask), dim=-1)
+
+    @torch.no_grad()
+    def route(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
+              top_p: float = 0.6, max_loras: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Adapters for each sequence: top-p over the router's softmax (see ``route_top_p``).
+
+        Returns lora_ids [B, K] int32 (-1 = empty slot) and weights [B, K] float32 (sum 1 per
+        row), on ``input_ids``' device. Runs in eval mode without autograd.
+        """
+        check_top_p(top_p)
+        check_max_loras(max_loras)
+        with self._eval_mode():
+            probs = self.probs(input_ids, attention_mask)
+        lora_ids, weights = route_top_p(probs, top_p, max_loras)
+        return lora_ids.to(input_ids.device), weights.to(input_ids.device)
+
+    @torch.no_grad()
+    def predict(self, texts: Sequence[str], batch_size: int = 1024) -> list[str]:
+        """The most likely label name for each text, tokenised with the stored tokenizer."""
+        if self.tokenizer is None:
+            raise RuntimeError("this router has no tokenizer: train it with Router.train(..., tokenizer) "
+                               "or load one saved with its tokenizer, or set router.tokenizer")
+        texts = _check_texts(texts)
+        out: list[str] = []
+        with self._eval_mode():
+            for i in range(0, len(texts), batch_size):
+                ids, mask = _encode(self.tokenizer, texts[i:i + batch_size])
+                self._check_inputs(ids, mask, arg_offset=i)
+                out += [self.label_names[j] for j in self(ids, mask).argmax(dim=-1).tolist()]
+        return out
+
+    @contextlib.contextmanager
+    def _eval_mode(self):
+        was_training = self.training
+        self.eval()
+        try:
+            yield
+        finally:
+            nn.Module.train(self, was_training)
+
+    @staticmethod
+    def _check_inputs(input_ids, attention_mask, arg_offset: int = 0) -> None:
+        if not isinstance(input_ids, torch.Tensor):
+            raise ValueError(f"input_ids must be a [B, L] tensor, got {type(input_ids).__name__}")
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be a [B, L] tensor, got shape {tuple(input_ids.shape)}")
+        if input_ids.is_floating_point() or input_ids.is_complex() or input_ids.dtype == torch.bool:
+            raise ValueError(f"input_ids must be an integer tensor, got {input_ids.dtype}")
+        mask = attention_mask
+        if mask is not None and (not isinstance(mask, torch.Tensor) or mask.shape != input_ids.shape):
+            got = tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__
+            raise ValueError(f"attention_mask must be a tensor of input_ids' shape {tuple(input_ids.shape)}, "
+                             f"got {got}")
+        if input_ids.shape[1] == 0:
+            raise ValueError("empty prompt: input_ids has no tokens (L == 0); the router needs at least one")
+        if attention_mask is not None:
+            empty = (attention_mask == 0).all(dim=1)
+            if bool(empty.any()):
+                rows = [i + arg_offset for i in empty.nonzero().flatten().tolist()]
+                raise ValueError(f"empty prompt: attention_mask selects no token in row(s) {rows[:10]}")
+
+    # ------------------------------------------------------------------ training
+
+    @classmethod
+    def fit(cls, texts: Sequence[str], labels: Sequence[str], tokenizer, *,
+            label_names: Sequence[str] | None = None, val_fraction: float = 0.1, epochs: int = 4,
+            batch_size: int = 512, lr: float = 1e-2, weight_decay: float = 0.01, feature_dropout: float = 0.2,
+            max_length: int = 512, seed: int = 0, device=None, verbose: bool = True, **arch) -> Router:
+        """Train a router on (text, label) pairs; also reachable as ``Router.train(...)``.
+
+        Args:
+            texts: sentences or prompts; labels: their adapter (task) names, same length.
+            tokenizer: the BASE MODEL's Hugging Face tokenizer (a fast one tokenises in batch);
+                stored on the router and saved with it.
+            label_names: logit order; default sorted(set(labels)). Must contain every label.
+            val_fraction: share held out (random, seeded) to report accuracy; 0 disables it.
+            epochs, batch_size, lr, weight_decay: AdamW training schedule.
+            max_length: tokens kept per training text (longer ones are truncated).
+            seed: seeds initialisation, split and shuffling (global RNG state is left untouched).
+            device: where to train (default CPU).
+            verbose: tqdm progress bar and a line with the held-out accuracy.
+            **arch: Router architecture arguments (num_buckets, embed_dim, hidden, num_layers, dropout).
+        Returns:
+            the trained Router in eval mode, with ``val_accuracy`` set (None without a held-out set).
+        """
+        texts = _check_texts(texts)
+        if isinstance(labels, str) or not isinstance(labels, Sequence):
+            raise ValueError(f"labels must be a list of str, got {type(labels).__name__}")
+        if len(labels) != len(texts):
+            raise ValueError(f"texts and labels must have the same length, got {len(texts)} and "
+                             f"{len(labels)}")
+        bad = [i for i, lab in enumerate(labels) if not isinstance(lab, str) or not lab]
+        if bad:
+            raise ValueError(f"labels[{bad[0]}] must be a non-empty str, got {labels[bad[0]]!r}")
+        names = _check_label_names(sorted(set(labels)) if label_names is None else label_names)
+        if len(set(labels)) < 2:
+            raise ValueError(f"labels must hold at least 2 distinct labels, got {sorted(set(labels))}")
+        unknown = sorted(set(labels) - set(names))
+        if unknown:
+            raise ValueError(f"labels not in label_names: {unknown[:10]}")
+        if not 0.0 <= val_fraction < 1.0:
+            raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction!r}")
+        for name, value in (("epochs", epochs), ("batch_size", batch_size), ("max_length", max_length)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        if tokenizer is None or not callable(tokenizer):
+            raise ValueError("tokenizer must be the base model's Hugging Face tokenizer")
+
+        device = torch.device(device or "cpu")
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            router = cls(names, **arch).to(device)
+        gen = torch.Generator().manual_seed(seed)
+
+        # Featurise everything once; batches only slice it.
+        ids, mask = _encode(tokenizer, texts, max_length)
+        bags = router.features(ids, mask)
+        n_feats = (bags != router.num_buckets).sum(dim=1)
+        if bool((n_feats == 0).any()):
+            i = int((n_feats == 0).nonzero()[0])
+            raise ValueError(f"texts[{i}] ({texts[i]!r}) has no tokens under this tokenizer")
+        # Move each row's features to the front, so a batch can drop the columns that are
+        # "no feature" in all its rows (sentences are much shorter than the longest one).
+        front = (bags == router.num_buckets).to(torch.int8).argsort(dim=1, stable=True)
+        bags = bags.gather(1, front)
+        index = {name: i for i, name in enumerate(names)}
+        targets = torch.tensor([index[lab] for lab in labels], dtype=torch.long)
+
+        perm = torch.randperm(len(texts), generator=gen)
+        n_val = int(round(len(texts) * val_fraction))
+        n_val = min(n_val, len(texts) - 1)
+        val_idx, train_idx = perm[:n_val], perm[n_val:]
+
+        def batch(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            width = max(1, int(n_feats[rows].max()))
+            return bags[rows, :width].to(device), targets[rows].to(device)
+
+        optimizer = torch.optim.AdamW(router.parameters(), lr=lr, weight_decay=weight_decay)
+        total_steps = epochs * math.ceil(len(train_idx) / batch_size)
+        warmup = max(1, total_steps // 20)
+
+        def lr_factor(step: int) -> float:  # linear warm-up, then linear decay to zero
+            return min((step + 1) / warmup, max(0.0, (total_steps - step) / (total_steps - warmup + 1)))
+
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
+        router.train(True)
+        with tqdm(total=total_steps, desc="router", unit="step", disable=not verbose) as bar:
+            for _ in range(epochs):
+                order = train_idx[torch.randperm(len(train_idx), generator=gen)]
+                for start in range(0, len(order), batch_size):
+                    x, y = batch(order[start:start + batch_size])
+                    if feature_dropout:
+                        # drop features at random (dropout on the bag): keeps the router from
+                        # memorising sentences by their rare bigrams
+                        drop = torch.rand(x.shape, generator=gen).to(device) < feature_dropout
+                        x = x.masked_fill(drop, router.num_buckets)
+                    loss = nn.functional.cross_entropy(router.forward_features(x), y)
+                    optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    optimizer.step()
+                    schedule.step()
+                    bar.update()
+                    bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
+        router.eval()
+        router.tokenizer = tokenizer
+
+        if n_val:
+            with torch.no_grad():
+                correct = sum(int((router.forward_features(x).argmax(-1) == y).sum())
+                              for x, y in (batch(val_idx[i:i + 1024]) for i in range(0, n_val, 1024)))
+            router.val_accuracy = correct / n_val
+            if verbose:
+                print(f"router: held-out accuracy {router.val_accuracy:.2%} "
+                      f"({n_val} texts, {len(names)} labels)")
+        elif verbose:
+            print("router: no held-out set (val_fraction=0 or too few texts); accuracy not measured")
+        return router
+
+    # ------------------------------------------------------------------ persistence
+
+    def save(self, directory: str | Path) -> Path:
+        """Write router.safetensors, router_config.json and (if present) tokenizer/ to ``directory``."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+        save_file(state, str(directory / WEIGHTS_NAME), metadata={"format": FORMAT})
+        meta = dict(format=FORMAT, format_version=FORMAT_VERSION, hashing=HASHING, config=self.config,
+                    label_names=self.label_names, val_accuracy=self.val_accuracy)
+        (directory / CONFIG_NAME).write_text(json.dumps(meta, indent=2) + "\n")
+        if self.tokenizer is not None:
+            self.tokenizer.save_pretrained(str(directory / TOKENIZER_DIR))
+        return directory
+
+    @classmethod
+    def load(cls, directory: str | Path, device=None) -> Router:
+        """Load a router written by :meth:`save` (in eval mode, on ``device`` or CPU)."""
+        directory = Path(directory)
+        if not directory.is_dir():
+            raise FileNotFoundError(f"router directory not found: {directory}")
+        for name in (CONFIG_NAME, WEIGHTS_NAME):
+            if not (directory / name).is_file():
+                raise FileNotFoundError(f"{directory} is not a saved router: {name} is missing")
+        try:
+            meta = json.loads((directory / CONFIG_NAME).read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{directory / CONFIG_NAME} is not valid JSON: {e}") from None
+        if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+            raise ValueError(f"{directory / CONFIG_NAME} is not a dlp-lora router config")
+        if meta.get("format_version", 0) > FORMAT_VERSION or meta.get("hashing") != HASHING:
+            raise ValueError(f"{directory} was saved by an incompatible dlp-lora (format_version="
+                             f"{meta.get('format_version')}, hashing={meta.get('hashing')!r}); "
+                             f"this version reads format_version<={FORMAT_VERSION}, hashing={HASHING!r}")
+        try:
+            router = cls(meta["label_names"], **meta["config"])
+        except (KeyError, TypeError) as e:
+            raise ValueError(f"{directory / CONFIG_NAME} is incomplete or malformed: {e}") from None
+        state = load_file(str(directory / WEIGHTS_NAME))
+        expected = {k: tuple(v.shape) for k, v in router.state_dict().items()}
+        found = {k: tuple(v.shape) for k, v in state.items()}
+        if expected != found:
+            diff = sorted(f"{k}: config expects {expected.get(k)}, file has {found.get(k)}"
+                          for k in expected.keys() | found.keys() if expected.get(k) != found.get(k))
+            raise ValueError(f"{directory / WEIGHTS_NAME} does not match {CONFIG_NAME}: "
+                             + "; ".join(diff[:5]))
+        router.load_state_dict(state)
+        router.val_accuracy = meta.get("val_accuracy")
+        if (directory / TOKENIZER_DIR).is_dir():
+            from transformers import AutoTokenizer
+
+            router.tokenizer = AutoTokenizer.from_pretrained(str(directory / TOKENIZER_DIR))
+        return router.to(device or "cpu").eval()
