@@ -75,11 +75,13 @@ class RoutingState:
     for the num_tokens = B*L rows of this forward. last_*: the same for a module that sees one
     row per sequence (e.g. lm_head with logits_to_keep=1): each sequence's current mixture.
     active is False when no row has an adapter: patched modules then skip the op entirely,
-    so an empty mixture is exactly the base model.
+    so an empty mixture is exactly the base model. fast is True when the raw kernel may update
+    a module's output in place: no autograd, no autocast, not tracing with torch.compile.
     """
 
     __slots__ = (
         "active",
+        "fast",
         "num_tokens",
         "num_sequences",
         "seg_indptr",
@@ -93,7 +95,7 @@ class RoutingState:
     )
 
     def __init__(self, kernel: Callable[..., None], backend: str):
-        self.active = False
+        self.active = self.fast = False
         self.num_tokens = self.num_sequences = -1
         self.seg_indptr = self.lora_ids = self.lora_weights = None
         self.last_seg_indptr = self.last_lora_ids = self.last_lora_weights = None
@@ -181,15 +183,12 @@ class SequenceRouting:
             self._kernel_key = (device, probe.dtype)
             self._seg_cache.clear()
             self._seq_tensors = None
-        if attention_mask is not None and not (
-            isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2
-        ):
-            raise NotImplementedError(
-                "dlp-lora: routing needs a 2-D attention_mask [batch, length] (or none); "
-                f"got {type(attention_mask).__name__}"
-                f"{tuple(attention_mask.shape) if hasattr(attention_mask, 'shape') else ''}"
-            )
         prefill = past_length(cache) == 0
+        # Which tokens are real: from the prompt's mask at prefill; tokens fed while decoding are all real.
+        attention_mask = token_mask(attention_mask, L) if prefill else None
+        self.state.fast = not (
+            torch.is_grad_enabled() or torch.is_autocast_enabled(device.type) or torch.compiler.is_compiling()
+        )
         if prefill:
             _check_not_empty(L, attention_mask)
             self._step = 0
@@ -211,14 +210,14 @@ class SequenceRouting:
         elif prefill:
             self._prefill(input_ids, attention_mask, device)
         else:
-            self._continue(input_ids, attention_mask, device)
+            self._continue(input_ids, device)
 
     # --- router paths ----------------------------------------------------------------------------------
 
     def _prefill(self, input_ids: torch.Tensor, attention_mask, device) -> None:
         B, L = input_ids.shape
         ids_host = input_ids.tolist()
-        mask_host = attention_mask[:, -L:].tolist() if attention_mask is not None else None
+        mask_host = attention_mask.tolist() if attention_mask is not None else None
         histories, spans = [], []  # spans: (sequence, first row j, history index, route end)
         for b in range(B):
             cols = [j for j in range(L) if mask_host is None or mask_host[b][j]]
@@ -233,7 +232,7 @@ class SequenceRouting:
         mixtures = self._route([histories[b][:end] for b, _, _, end in spans])
         reason = "sentence" if self.reroute == "sentence" else "prompt"
         segments, current = [], [None] * B
-        for (b, j, position, _), mixture in zip(spans, mixtures, strict=False):
+        for (b, j, position, _), mixture in zip(spans, mixtures, strict=True):
             segments.append((b * L + j, mixture))
             current[b] = mixture
             self._record(b, position, mixture, reason)
@@ -244,7 +243,7 @@ class SequenceRouting:
         else:
             self._use_segments(segments, B, L, device)
 
-    def _continue(self, input_ids: torch.Tensor, attention_mask, device) -> None:
+    def _continue(self, input_ids: torch.Tensor, device) -> None:
         B, L = input_ids.shape
         if self._current is None or len(self._current) != B:
             raise RuntimeError(
@@ -255,15 +254,11 @@ class SequenceRouting:
         if self.reroute != "sentence" or not self.ender_ids:
             self._use_sequence_segments(B, L, device)
             return
-        ids_host = input_ids.tolist()
-        mask_host = attention_mask[:, -L:].tolist() if attention_mask is not None else None
         boundaries = []  # (sequence, row j, history index)
-        for b in range(B):
+        for b, new_tokens in enumerate(input_ids.tolist()):
             history = self._histories[b]
-            for j in range(L):
-                if mask_host is not None and not mask_host[b][j]:
-                    continue
-                history.append(ids_host[b][j])
+            for j, token in enumerate(new_tokens):
+                history.append(token)
                 if self._is_boundary(history, len(history) - 1):
                     boundaries.append((b, j, len(history) - 1))
         if not boundaries:
@@ -274,11 +269,11 @@ class SequenceRouting:
             nxt = boundaries[k + 1] if k + 1 < len(boundaries) else None
             ends.append(nxt[2] if nxt is not None and nxt[0] == b else len(self._histories[b]))
         mixtures = self._route(
-            [self._histories[b][:end] for (b, _, _), end in zip(boundaries, ends, strict=False)]
+            [self._histories[b][:end] for (b, _, _), end in zip(boundaries, ends, strict=True)]
         )
         segments, current = [], list(self._current)
         opened = set()
-        for (b, j, position), mixture in zip(boundaries, mixtures, strict=False):
+        for (b, j, position), mixture in zip(boundaries, mixtures, strict=True):
             if b not in opened and j > 0:  # rows before the first boundary continue the open span
                 segments.append((b * L, current[b]))
             opened.add(b)
@@ -308,8 +303,8 @@ class SequenceRouting:
                 ids.to(router_device), mask.to(router_device), top_p=self.top_p, max_loras=self.max_loras
             )
         mixtures = []
-        for row_ids, row_weights in zip(lora_ids.tolist(), weights.tolist(), strict=False):
-            kept = [(i, w) for i, w in zip(row_ids, row_weights, strict=False) if i >= 0]
+        for row_ids, row_weights in zip(lora_ids.tolist(), weights.tolist(), strict=True):
+            kept = [(i, w) for i, w in zip(row_ids, row_weights, strict=True) if i >= 0]
             if self._label_to_bank is not None:
                 kept = [(self._label_to_bank[i], w) for i, w in kept]
             mixtures.append((tuple(i for i, _ in kept), tuple(float(w) for _, w in kept)))
@@ -397,6 +392,34 @@ def _mixture_tensors(mixtures: Sequence[Mixture], device) -> tuple[torch.Tensor,
             ids[s, : len(mix_ids)] = torch.tensor(mix_ids, dtype=torch.int32)
             weights[s, : len(mix_ids)] = torch.tensor(mix_weights, dtype=torch.float32)
     return ids.to(device), weights.to(device)
+
+
+def token_mask(attention_mask, length: int) -> torch.Tensor | None:
+    """[B, length] mask of the real tokens of a prefill from whatever mask the model got.
+
+    2-D masks (1 = token) are used as they are. transformers builds 4-D masks [B, 1, L, L_kv]
+    (bool: True = attend; float: 0 = attend) for compilable caches such as StaticCache: the last
+    query row of a prefill attends to exactly the real prompt tokens, at key positions [0, L).
+    A dict of masks (per attention type) is read through its full-attention entry.
+    """
+    if isinstance(attention_mask, dict):
+        attention_mask = attention_mask.get("full_attention", next(iter(attention_mask.values()), None))
+    if attention_mask is None:
+        return None
+    if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2:
+        return attention_mask[:, -length:]
+    if (
+        isinstance(attention_mask, torch.Tensor)
+        and attention_mask.dim() == 4
+        and attention_mask.shape[-1] >= length
+    ):
+        last_row = attention_mask[:, 0, -1, :length]
+        return last_row.long() if last_row.dtype == torch.bool else (last_row == 0).long()
+    raise NotImplementedError(
+        "dlp-lora: cannot tell padding from tokens with this attention_mask "
+        f"({type(attention_mask).__name__}{tuple(getattr(attention_mask, 'shape', ()))}); "
+        "pass a 2-D [batch, length] mask"
+    )
 
 
 def _check_not_empty(L: int, attention_mask) -> None:

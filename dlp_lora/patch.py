@@ -60,8 +60,14 @@ class _PatchHandle:
 def _add_lora_delta(
     module: nn.Module, routing: RoutingState, x: torch.Tensor, y: torch.Tensor
 ) -> torch.Tensor:
-    """y [..., d_out] += the routed LoRA delta of x [..., d_in]; returns y (a new tensor on the slow path)."""
-    x2 = x.reshape(-1, x.shape[-1])
+    """y [..., d_out] += the routed LoRA delta of x [..., d_in]; returns y (a new tensor on the slow path).
+
+    The hot path of every patched module: two views, the raw kernel, no validation (the routing
+    tensors were checked once for the whole forward) and no allocation.
+    """
+    buffers = module._buffers  # the dict itself: nn.Module.__getattr__ costs ~1 us per lookup
+    lora_a, lora_b = buffers[BUFFER_A], buffers[BUFFER_B]
+    x2 = x.reshape(-1, lora_a.shape[2])
     rows = x2.shape[0]
     if rows == routing.num_tokens:
         seg_indptr, lora_ids, lora_weights = routing.seg_indptr, routing.lora_ids, routing.lora_weights
@@ -76,33 +82,25 @@ def _add_lora_delta(
             f"dlp-lora: a patched module got {rows} rows, but the routed forward has "
             f"{routing.num_tokens} tokens in {routing.num_sequences} sequences"
         )
-    lora_a, lora_b = module.dlp_lora_a, module.dlp_lora_b
-    if (
-        x2.dtype is not lora_a.dtype
-        or y.dtype is not lora_a.dtype
-        or y.requires_grad
-        or not (x2.is_contiguous() and y.is_contiguous())
-    ):
-        # autocast, grad mode, odd strides: compute the delta aside and add it out of place.
-        delta = torch.zeros(rows, lora_b.shape[1], dtype=lora_a.dtype, device=y.device)
-        routing.kernel(
-            delta,
-            x2.detach().to(lora_a.dtype).contiguous(),
-            lora_a,
-            lora_b,
-            seg_indptr,
-            lora_ids,
-            lora_weights,
-        )
-        return y + delta.view(y.shape).to(y.dtype)
-    y2 = y.view(rows, -1)
-    if torch.compiler.is_compiling():
+    if routing.fast and x2.is_contiguous():
+        routing.kernel(y.view(rows, -1), x2, lora_a, lora_b, seg_indptr, lora_ids, lora_weights)
+        return y
+    return _add_lora_delta_slow(routing, x2, y, lora_a, lora_b, seg_indptr, lora_ids, lora_weights)
+
+
+def _add_lora_delta_slow(routing, x2, y, lora_a, lora_b, seg_indptr, lora_ids, lora_weights) -> torch.Tensor:
+    """Autograd on, autocast, torch.compile or strided activations (see RoutingState.fast)."""
+    if torch.compiler.is_compiling():  # the registered op, which dynamo can capture
+        y2 = y.view(x2.shape[0], -1)
         torch.ops.dlp_lora.multi_lora(
-            y2, x2, lora_a, lora_b, seg_indptr, lora_ids, lora_weights, routing.backend
+            y2, x2.contiguous(), lora_a, lora_b, seg_indptr, lora_ids, lora_weights, routing.backend
         )
-    else:
-        routing.kernel(y2, x2, lora_a, lora_b, seg_indptr, lora_ids, lora_weights)
-    return y
+        return y
+    # Compute the delta aside (no autograd through it) and add it out of place.
+    delta = torch.zeros(x2.shape[0], lora_b.shape[1], dtype=lora_a.dtype, device=y.device)
+    x2 = x2.detach().to(lora_a.dtype).contiguous()
+    routing.kernel(delta, x2, lora_a, lora_b, seg_indptr, lora_ids, lora_weights)
+    return y + delta.view(y.shape).to(y.dtype)
 
 
 _PATCHED_CLASSES: dict[type, type] = {}
@@ -363,7 +361,7 @@ def _resolve_targets(model: nn.Module, bank: LoRABank) -> dict:
 
 def _owners(bank: LoRABank, module_name: str) -> list[str]:
     ranks = bank.modules[module_name].ranks
-    return [name for name, r in zip(bank.names, ranks, strict=False) if r > 0]
+    return [name for name, r in zip(bank.names, ranks, strict=True) if r > 0]
 
 
 def _kernel_resolver(backend: str | None):

@@ -281,3 +281,22 @@ def test_trained_router_routes_held_out_prompts_and_reroutes(task_adapters, tok)
         model.generate(input_ids=torch.tensor([switch]), max_new_tokens=3, do_sample=False, pad_token_id=0)
     prefill = [r for r in model.dlp_routing_log if r.step == 0]
     assert [(r.position, _top(r)) for r in prefill] == [(0, "alpha"), (len(tok(first)["input_ids"]), "gamma")]
+
+
+def test_static_cache_4d_mask_routes_like_dynamic(task_adapters, tok):
+    """generate() with a StaticCache hands the model 4-D masks: padding is still read correctly."""
+    router = CountingRouter(tok)
+    model = _patched(task_adapters, router, "sentence")
+    prompts = [tok("al1 al2 . be1 be2 be3")["input_ids"], tok("ga1 ga2")["input_ids"]]
+    ids, mask = left_pad(prompts)
+    kwargs = dict(
+        max_new_tokens=4, do_sample=False, pad_token_id=0, output_logits=True, return_dict_in_generate=True
+    )
+    with torch.no_grad():
+        dynamic = model.generate(input_ids=ids, attention_mask=mask, **kwargs)
+        dynamic_log = list(model.dlp_routing_log)
+        static = model.generate(input_ids=ids, attention_mask=mask, cache_implementation="static", **kwargs)
+    assert model.dlp_routing_log == dynamic_log
+    assert [(r.sequence, r.position) for r in dynamic_log if r.step == 0] == [(0, 0), (0, 2), (1, 0)]
+    assert torch.equal(static.sequences, dynamic.sequences)
+    torch.testing.assert_close(torch.stack(static.logits), torch.stack(dynamic.logits), atol=ATOL, rtol=0)

@@ -328,3 +328,20 @@ def test_bad_patch_inputs_leave_model_unchanged(llama_case):
     unpatch_model(model)
     with pytest.raises(PatchError, match="not patched"):
         unpatch_model(model)
+
+
+def test_call_styles(llama_case):
+    """Positional input_ids, inputs_embeds with use_mixture, a dict of directories as `loras`."""
+    base, adapters, _, _ = llama_case
+    model = patch_model(copy.deepcopy(base), adapters, backend=BACKEND)  # LoRABank.from_peft inside
+    ids = _ids(2, 5, seed=9)
+    with use_mixture(model, {"b": 1.0}):
+        expected = _logits(model, ids)
+        with torch.no_grad():
+            assert torch.equal(model(ids).logits, expected)
+            embeds = model.get_input_embeddings()(ids)
+            torch.testing.assert_close(model(inputs_embeds=embeds).logits, expected, atol=0, rtol=0)
+    unpatch_model(model)
+    model = patch_model(model, adapters, _LabelsOnly(["b", "a"]), reroute="prompt", backend=BACKEND)
+    with pytest.raises(ValueError, match="inputs_embeds alone cannot be routed"), torch.no_grad():
+        model(inputs_embeds=embeds)
