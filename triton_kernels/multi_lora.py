@@ -68,7 +68,12 @@ def _first_segment(seg_indptr, S, row, PROBES: tl.constexpr):
     return lo
 
 
-@triton.jit
+# Sizes that change from call to call (tokens, segments) or only index scalars are not
+# specialised on (== 1, % 16), so a decode loop over T = 1, 2, 3, ... reuses one compiled kernel.
+_VARYING = ["T", "S", "K", "R"]
+
+
+@triton.jit(do_not_specialize=_VARYING + ["split_len"])
 def _shrink_kernel(
     x, lora_a, seg_indptr, lora_ids, lora_weights, t_buf,
     T, S, K, R, D_IN, KR, x_row_stride, split_len,
@@ -126,7 +131,7 @@ def _shrink_kernel(
         seg_start = tl.load(seg_indptr + s, mask=s < S, other=T)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_VARYING)
 def _expand_kernel(
     y, t_buf, lora_b, seg_indptr, lora_ids,
     T, S, K, R, D_OUT, KR, y_row_stride,

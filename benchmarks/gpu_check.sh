@@ -1,0 +1,112 @@
+#!/usr/bin/env bash
+# One-shot GPU check for a bare H100/H200 (torch + CUDA + Triton preinstalled, no network).
+#
+#   bash benchmarks/gpu_check.sh            # from the repository root (or anywhere: it cd's there)
+#
+# Steps (each under its own `timeout`; a failed step is reported and the next one still runs):
+#   1. build   pip install --no-build-isolation --no-deps -e . with the CUDA kernel (DLP_LORA_CUDA=1)
+#   2. tests   pytest tests/test_ops_gpu.py tests/test_ops_reference.py (triton + cuda vs float64 oracle)
+#   3. bench   benchmarks/gpu_ops.py -> benchmarks/results/gpu_ops_<gpu>.json + a table
+#   4. e2e     python3 -m dlp_lora.cli bench --device cuda, only if that command exists
+# The whole run stays under BUDGET_S (default 470 s, i.e. < 8 minutes): each step's limit is cut
+# to the time left. Logs and result files are copied to $OUT when it is set.
+# Exit status: 0 when every step passed, else 1 (the summary names the failed steps).
+# Environment: OUT (log/result folder), BUDGET_S, PYTHON (default python3), TORCH_CUDA_ARCH_LIST
+# (default 9.0), SKIP_BUILD=1 (use the installed build; for dry runs of this script).
+
+set -u
+cd "$(dirname "$0")/.."
+
+BUDGET_S=${BUDGET_S:-470}
+START=$(date +%s)
+PY=${PYTHON:-python3}
+LOG_DIR=${OUT:-benchmarks/results/gpu_check_logs}
+mkdir -p "$LOG_DIR" benchmarks/results
+LOG="$LOG_DIR/gpu_check.log"
+: > "$LOG"
+FAILED=()
+PASSED=()
+
+say() { echo "$*" | tee -a "$LOG"; }
+
+# step NAME LIMIT_S CMD...: run CMD with its output in $LOG_DIR/NAME.log (and the main log),
+# killed after min(LIMIT_S, time left in the budget).
+step() {
+    local name=$1 limit=$2
+    shift 2
+    local left=$((BUDGET_S - ($(date +%s) - START)))
+    if ((left < 15)); then
+        say "=== [$name] SKIPPED: only ${left}s of the ${BUDGET_S}s budget left"
+        FAILED+=("$name(no time)")
+        return 0
+    fi
+    ((limit > left)) && limit=$left
+    say "=== [$name] start (limit ${limit}s): $*"
+    local t0=$(date +%s)
+    timeout --kill-after=10 "$limit" "$@" > >(tee "$LOG_DIR/$name.log" | tee -a "$LOG") 2>&1
+    local rc=$?
+    sleep 0.2  # let the tee of the process substitution flush
+    local took=$(($(date +%s) - t0))
+    if ((rc == 0)); then
+        PASSED+=("$name(${took}s)")
+        say "=== [$name] ok in ${took}s"
+    else
+        ((rc == 124 || rc == 137)) && say "=== [$name] TIMED OUT after ${limit}s"
+        FAILED+=("$name(rc=$rc,${took}s)")
+        say "=== [$name] FAILED rc=$rc in ${took}s"
+    fi
+    return 0
+}
+
+say "=== gpu_check.sh $(date -u +%FT%TZ) in $(pwd)"
+say "git: $(git rev-parse --short HEAD 2>/dev/null || echo 'not a git checkout')"
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv 2>&1 | tee -a "$LOG"
+$PY - <<'EOF' 2>&1 | tee -a "$LOG"
+import importlib, platform, shutil
+import torch
+print("python", platform.python_version(), "| torch", torch.__version__, "| cuda", torch.version.cuda,
+      "| gpu", torch.cuda.get_device_name(0) if torch.cuda.is_available() else None)
+for mod in ("triton", "transformers", "peft", "pytest", "hypothesis", "ninja", "setuptools", "wheel", "pybind11"):
+    try:
+        print(f"  {mod:13s}", getattr(importlib.import_module(mod), "__version__", "present"))
+    except Exception as exc:
+        print(f"  {mod:13s} MISSING ({type(exc).__name__})")
+print("  nvcc         ", shutil.which("nvcc"), "| ninja binary", shutil.which("ninja"))
+EOF
+
+# 1. Build (in place, editable) with the CUDA kernel for Hopper. No network: never ask an index.
+export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
+export MAX_JOBS=${MAX_JOBS:-$(nproc)}
+export PIP_NO_INDEX=1 PIP_DISABLE_PIP_VERSION_CHECK=1
+if [[ -n "${SKIP_BUILD:-}" ]]; then
+    say "=== [build] skipped (SKIP_BUILD set)"
+else
+    step build 240 env DLP_LORA_CUDA=1 $PY -m pip install --no-build-isolation --no-deps -e .
+fi
+$PY -c "from dlp_lora import ops; print('available backends on cuda:', ops.available_backends('cuda'))" 2>&1 \
+    | tee -a "$LOG"
+
+# 2. GPU tests (+ the backend-independent oracle tests).
+step tests 180 $PY -m pytest -q -p no:cacheprovider -rs --durations=10 \
+    tests/test_ops_gpu.py tests/test_ops_reference.py
+
+# 3. Microbenchmark: triton / cuda vs torch compositions, GB/s against the copy bandwidth.
+step bench 150 $PY benchmarks/gpu_ops.py
+
+# 4. End-to-end decode benchmark, when the benchmarks module provides it.
+if $PY -c "import dlp_lora.cli" > /dev/null 2>&1 \
+        && $PY -m dlp_lora.cli bench --help 2>/dev/null | grep -q -- "--device"; then
+    GPU_SLUG=$($PY -c "import sys; sys.path.insert(0, 'benchmarks'); import gpu_ops; print(gpu_ops.gpu_slug())" 2>/dev/null || echo unknown_gpu)
+    step e2e 240 $PY -m dlp_lora.cli bench --device cuda --out "benchmarks/results/e2e_${GPU_SLUG}.json"
+else
+    say "=== [e2e] not run: python3 -m dlp_lora.cli bench --device is not available in this checkout"
+fi
+
+# Results travel back through $OUT.
+if [[ -n "${OUT:-}" ]]; then
+    cp -v benchmarks/results/gpu_ops_*.json benchmarks/results/e2e_*.json benchmarks/results/e2e_*.png \
+        "$OUT"/ 2>/dev/null | tee -a "$LOG"
+fi
+
+say "=== summary after $(($(date +%s) - START))s: passed: ${PASSED[*]:-none}; failed: ${FAILED[*]:-none}"
+((${#FAILED[@]} == 0))
