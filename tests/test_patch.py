@@ -46,7 +46,7 @@ def arch_case(request, tmp_path_factory):
             lora_alpha=6,
             target_modules=rf".*\.({'|'.join(t[:3])})",
             rank_pattern={t[0]: 6, t[1]: 2},
-            alpha_pattern={t[2]: 20, "layers.1." + t[0] if arch != "gpt2" else "h.1.attn." + t[0]: 3},
+            alpha_pattern={t[2]: 20, ("h.1.attn." if arch == "gpt2" else "layers.1.self_attn.") + t[0]: 3},
         ),
         "rslora": make_adapter(
             base, root / "rslora", seed=13, r=8, lora_alpha=5, use_rslora=True, target_modules=t[1:]
