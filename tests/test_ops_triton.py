@@ -83,6 +83,16 @@ def test_forced_tiles_match_reference(dtype, tiles):
 
 # No shrink phase: under the interpreter shrinking a failure takes minutes; the failing
 # example is reported as drawn.
+@pytest.mark.parametrize("case", [CASE_SWEEP[2], CASE_SWEEP[7]], ids=lambda c: c.id)
+def test_gpu_heuristic_tiles_match_reference(case):
+    """The tiles choose_config picks for a GPU (16-row decode tiles, lanes), run here."""
+    from dlp_lora.triton_kernels.multi_lora import choose_config
+
+    config = choose_config(case.T, case.S, case.K, case.r, case.d_in, case.d_out, torch.float16,
+                           torch.device("cuda", 0), num_sms=8)
+    _run_and_check(case, torch.float16, config=config)
+
+
 @settings(max_examples=25, deadline=None, derandomize=True, phases=[Phase.explicit, Phase.generate],
           suppress_health_check=[HealthCheck.too_slow])
 @given(
@@ -175,9 +185,9 @@ def test_gpu_heuristics_split_decode_not_prefill():
     decode = choose_config(1, 1, 3, 16, 4096, 4096, torch.bfloat16, cuda, num_sms=132)
     assert (decode.block_m, decode.split_k) == (16, 16)
     prefill = choose_config(4096, 1, 3, 16, 4096, 4096, torch.bfloat16, cuda, num_sms=132)
-    assert prefill.block_m == 64 and prefill.split_k == 2
+    assert (prefill.block_m, prefill.split_k, prefill.lanes) == (64, 2, 2)
     batch = choose_config(64, 64, 3, 16, 4096, 4096, torch.bfloat16, cuda, num_sms=132)
-    assert batch.block_m == 16 and batch.split_k == 2
+    assert (batch.block_m, batch.split_k, batch.lanes) == (16, 2, 16)
 
 
 # Compiles the real (non-interpreted) kernels for sm_90 in a subprocess without TRITON_INTERPRET:

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 
 import torch
 import triton
@@ -245,7 +246,10 @@ def choose_config(T: int, S: int, K: int, r: int, d_in: int, d_out: int, dtype: 
     block_k = 64 if (wide or block_m == 64) else 128
     block_n = 64 if (wide or block_m == 16) else 128
     tiles = triton.cdiv(T, block_m)
-    active = min(tiles + S, tiles * min(S, block_m))  # (tile, segment) pairs that do work
+    # A tile overlaps about block_m / rows_per_segment + 1 segments: one lane each; lanes beyond
+    # that would only search and exit (the lane loop still covers tiles that overlap more).
+    lanes = min(block_m, math.ceil(block_m / max(rows_per_segment, 1e-9)) + 1)
+    active = min(tiles + S, tiles * min(S, lanes))  # (tile, segment) pairs that do work
     programs = active * triton.cdiv(K * r, block_c)
     # Split d_in while the shrink still fits one wave of programs and every split keeps at
     # least two BLOCK_K chunks; the expand then sums `split_k` fp32 partials per row.
@@ -254,7 +258,7 @@ def choose_config(T: int, S: int, K: int, r: int, d_in: int, d_out: int, dtype: 
     while split_k < 16 and 2 * programs * split_k <= num_sms and d_in >= 2 * split_k * 2 * block_k:
         split_k *= 2
     return LaunchConfig(block_m=block_m, block_k=block_k, block_c=block_c, block_n=block_n,
-                        split_k=split_k, probes=32, num_warps=4, num_stages=3)
+                        split_k=split_k, probes=32, lanes=lanes, num_warps=4, num_stages=3)
 
 
 def _check_layout(y, x, lora_a, lora_b, seg_indptr, lora_ids, lora_weights) -> None:
