@@ -52,7 +52,7 @@ def _first_segment(seg_indptr, S, row, PROBES: tl.constexpr):
 
     Each round loads PROBES evenly spaced segment ends at once, so S <= PROBES takes one round.
     """
-    # tl.full, not `S * 0`: Triton specialises S == 1 to a constexpr, and a loop-carried
+    # tl.full, not `S * 0`: were S specialised, S == 1 would be a constexpr, and a loop-carried
     # variable must keep one type.
     lo = tl.full((), 0, tl.int32)
     hi = lo + S
