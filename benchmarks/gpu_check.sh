@@ -8,8 +8,8 @@
 #   2. tests   pytest tests/test_ops_gpu.py tests/test_ops_reference.py (triton + cuda vs float64 oracle)
 #   3. bench   benchmarks/gpu_ops.py -> benchmarks/results/gpu_ops_<gpu>.json + a table
 #   4. e2e     python3 -m dlp_lora.cli bench --device cuda, only if that command exists
-# The whole run stays under BUDGET_S (default 450 s; < 8 minutes with the probes between steps): each step's limit is cut
-# to the time left. Logs and result files are copied to $OUT when it is set.
+# The steps share BUDGET_S (default 450 s; < 8 minutes with the probes between them): each
+# step's limit is cut to the time left. Logs and result files are copied to $OUT when it is set.
 # Exit status: 0 when every step passed, else 1 (the summary names the failed steps).
 # Environment: OUT (log/result folder), BUDGET_S, PYTHON (default python3), TORCH_CUDA_ARCH_LIST
 # (default 9.0), SKIP_BUILD=1 (use the installed build; for dry runs of this script).
