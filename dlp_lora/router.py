@@ -36,7 +36,7 @@ TOKENIZER_DIR = "tokenizer"
 FORMAT = "dlp-lora-router"
 FORMAT_VERSION = 1
 # Saved routers are only valid with the hash they were trained with: bump this if it changes.
-HASHING = "unigram+bigram mod (2^31-1), v1"
+HASHING = "separate unigram and bigram bags, mod (2^31-1), v2"
 
 # Hashing constants. Python's hash() is salted per process, so buckets come from fixed
 # arithmetic instead. Every operand is reduced mod the Mersenne prime 2^31-1 and every
@@ -61,9 +61,10 @@ def hashed_features(
         num_buckets: buckets in [0, num_buckets); ``num_buckets`` itself marks "no feature".
 
     Returns:
-        [B, 2L-1] int64 (L unigram then L-1 bigram slots; [B, 0] when L == 0): a bucket per
-        unmasked token and per pair of adjacent unmasked tokens, ``num_buckets`` elsewhere.
-        The set of buckets of a row does not depend on where its padding sits.
+        [B, 2, L] int64: ``[:, 0, t]`` the bucket of token t, ``[:, 1, t]`` the bucket of the
+        bigram (token t-1, token t); ``num_buckets`` where the token (or either token of the pair)
+        is masked, and at ``[:, 1, 0]``. The set of buckets of a row does not depend on where its
+        padding sits.
     """
     ids = input_ids.long() % _MOD
     valid = torch.ones_like(ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
@@ -72,7 +73,8 @@ def hashed_features(
     pair = (ids[:, :-1] * _BI_PREV_MUL + ids[:, 1:]) % _MOD
     bigrams = (pair * _BI_MUL + _BI_ADD) % _MOD % num_buckets
     bigrams = bigrams.masked_fill(~(valid[:, :-1] & valid[:, 1:]), num_buckets)
-    return torch.cat([unigrams, bigrams], dim=1)
+    bigrams = torch.cat([torch.full_like(ids[:, :1], num_buckets), bigrams], dim=1)[:, : ids.shape[1]]
+    return torch.stack([unigrams, bigrams], dim=1)
 
 
 def _check_arch(num_buckets, embed_dim, hidden, num_layers, dropout) -> dict:
@@ -112,6 +114,38 @@ def _check_texts(texts, arg: str = "texts") -> list[str]:
     return list(texts)
 
 
+def _check_training_data(texts, labels, label_names) -> tuple[list[str], list[str], list[str]]:
+    texts = _check_texts(texts)
+    if isinstance(labels, str) or not isinstance(labels, Sequence):
+        raise ValueError(f"labels must be a list of str, got {type(labels).__name__}")
+    if len(labels) != len(texts):
+        raise ValueError(f"texts and labels must have the same length, got {len(texts)} and {len(labels)}")
+    bad = [i for i, lab in enumerate(labels) if not isinstance(lab, str) or not lab]
+    if bad:
+        raise ValueError(f"labels[{bad[0]}] must be a non-empty str, got {labels[bad[0]]!r}")
+    if len(set(labels)) < 2:
+        raise ValueError(f"labels must hold at least 2 distinct labels, got {sorted(set(labels))}")
+    names = _check_label_names(sorted(set(labels)) if label_names is None else label_names)
+    unknown = sorted(set(labels) - set(names))
+    if unknown:
+        raise ValueError(f"labels not in label_names: {unknown[:10]}")
+    return texts, list(labels), names
+
+
+def _check_training_args(*, val_fraction, feature_dropout, epochs, batch_size, max_length, tokenizer) -> None:
+    for name, value in (("val_fraction", val_fraction), ("feature_dropout", feature_dropout)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
+            raise ValueError(f"{name} must be in [0, 1), got {value!r}")
+    for name, value, optional in (("epochs", epochs, True), ("batch_size", batch_size, True),
+                                  ("max_length", max_length, False)):
+        if value is None and optional:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be an integer >= 1{' or None' if optional else ''}, got {value!r}")
+    if tokenizer is None or not callable(tokenizer):
+        raise ValueError("tokenizer must be the base model's Hugging Face tokenizer (callable on a list)")
+
+
 def _encode(tokenizer, texts: list[str], max_length: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Tokenise in one batch call (fast tokenizers run it in Rust) and right-pad.
 
@@ -145,6 +179,36 @@ class _TrainOnClassOrInstance:
         if obj is None:
             return objtype.fit
         return types.MethodType(_module_train, obj)
+
+
+class _BagDataset:
+    """Training texts featurised once: bags [n, 2, F] int64 with each row's features moved to the
+    front, so a batch drops the columns that are "no feature" in all its rows (most sentences
+    are much shorter than the longest one). targets: [n] int64 label indices."""
+
+    def __init__(self, router: Router, tokenizer, texts: list[str], targets: list[int], max_length: int):
+        ids, mask = _encode(tokenizer, texts, max_length)
+        bags = router.features(ids, mask)
+        self.n_feats = (bags != router.num_buckets).sum(dim=2)  # [n, 2]
+        empty = (self.n_feats[:, 0] == 0).nonzero().flatten().tolist()
+        if empty:
+            raise ValueError(f"texts[{empty[0]}] ({texts[empty[0]]!r}) has no tokens under this tokenizer")
+        front = (bags == router.num_buckets).to(torch.int8).argsort(dim=2, stable=True)
+        self.bags = bags.gather(2, front)
+        self.targets = torch.tensor(targets, dtype=torch.long)
+
+    def batch(self, rows: torch.Tensor, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """Bags [b, 2, width] and targets [b] of ``rows``, on ``device``."""
+        width = max(1, int(self.n_feats[rows].max()))
+        return self.bags[rows, :, :width].to(device), self.targets[rows].to(device)
+
+    @torch.no_grad()
+    def accuracy(self, router: Router, rows: torch.Tensor, device, chunk: int = 1024) -> float:
+        correct = 0
+        for i in range(0, len(rows), chunk):
+            x, y = self.batch(rows[i:i + chunk], device)
+            correct += int((router.forward_features(x).argmax(dim=-1) == y).sum())
+        return correct / len(rows)
 
 
 class Router(nn.Module):
@@ -184,7 +248,7 @@ class Router(nn.Module):
         nn.init.uniform_(self.embed.weight, -1.0 / embed_dim, 1.0 / embed_dim)
         with torch.no_grad():
             self.embed.weight[num_buckets].zero_()
-        widths = [embed_dim] + [hidden] * (num_layers - 1) + [len(self.label_names)]
+        widths = [2 * embed_dim] + [hidden] * (num_layers - 1) + [len(self.label_names)]
         layers: list[nn.Module] = []
         for i, (w_in, w_out) in enumerate(zip(widths[:-1], widths[1:], strict=True)):
             if i:
@@ -202,12 +266,17 @@ class Router(nn.Module):
     # ------------------------------------------------------------------ inference
 
     def features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """[B, L] token ids (+ mask) -> [B, 2L-1] int64 bucket ids (see :func:`hashed_features`)."""
+        """[B, L] token ids (+ mask) -> [B, 2, L] int64 bucket ids (see :func:`hashed_features`)."""
         return hashed_features(input_ids, attention_mask, self.num_buckets)
 
     def forward_features(self, bags: torch.Tensor) -> torch.Tensor:
-        """[B, F] int64 bucket ids (``num_buckets`` = none) -> logits [B, N] float32."""
-        pooled = self.embed(bags.to(self.embed.weight.device))
+        """[B, 2, F] int64 buckets (unigram bag, bigram bag; ``num_buckets`` = none) -> [B, N] float32 logits.
+
+        Unigrams and bigrams are averaged separately and concatenated: one mean over both would
+        dilute the (mostly known) unigrams with the (mostly unseen) bigrams of a new sentence.
+        """
+        B, two, F = bags.shape
+        pooled = self.embed(bags.to(self.embed.weight.device).reshape(B * two, F)).reshape(B, -1)
         return self.mlp(pooled).float()
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -294,9 +363,10 @@ class Router(nn.Module):
 
     @classmethod
     def fit(cls, texts: Sequence[str], labels: Sequence[str], tokenizer, *,
-            label_names: Sequence[str] | None = None, val_fraction: float = 0.1, epochs: int = 4,
-            batch_size: int = 512, lr: float = 1e-2, weight_decay: float = 0.01, feature_dropout: float = 0.2,
-            max_length: int = 512, seed: int = 0, device=None, verbose: bool = True, **arch) -> Router:
+            label_names: Sequence[str] | None = None, val_fraction: float = 0.1, epochs: int | None = None,
+            batch_size: int | None = None, lr: float = 1e-2, weight_decay: float = 0.01,
+            feature_dropout: float = 0.2, max_length: int = 512, seed: int = 0, device=None,
+            verbose: bool = True, **arch) -> Router:
         """Train a router on (text, label) pairs; also reachable as ``Router.train(...)``.
 
         Args:
@@ -305,7 +375,11 @@ class Router(nn.Module):
                 stored on the router and saved with it.
             label_names: logit order; default sorted(set(labels)). Must contain every label.
             val_fraction: share held out (random, seeded) to report accuracy; 0 disables it.
-            epochs, batch_size, lr, weight_decay: AdamW training schedule.
+            epochs, batch_size: default (None) picks a batch of n_train/32 clamped to [16, 512] and
+                enough epochs (at least 4) for ~160 optimizer steps: 4 epochs of 512 on 23k texts,
+                more epochs of smaller batches on a few hundred.
+            lr, weight_decay: AdamW (linear warm-up over 5% of the steps, then linear decay).
+            feature_dropout: share of bag features dropped at random in each training batch.
             max_length: tokens kept per training text (longer ones are truncated).
             seed: seeds initialisation, split and shuffling (global RNG state is left untouched).
             device: where to train (default CPU).
@@ -314,28 +388,9 @@ class Router(nn.Module):
         Returns:
             the trained Router in eval mode, with ``val_accuracy`` set (None without a held-out set).
         """
-        texts = _check_texts(texts)
-        if isinstance(labels, str) or not isinstance(labels, Sequence):
-            raise ValueError(f"labels must be a list of str, got {type(labels).__name__}")
-        if len(labels) != len(texts):
-            raise ValueError(f"texts and labels must have the same length, got {len(texts)} and "
-                             f"{len(labels)}")
-        bad = [i for i, lab in enumerate(labels) if not isinstance(lab, str) or not lab]
-        if bad:
-            raise ValueError(f"labels[{bad[0]}] must be a non-empty str, got {labels[bad[0]]!r}")
-        names = _check_label_names(sorted(set(labels)) if label_names is None else label_names)
-        if len(set(labels)) < 2:
-            raise ValueError(f"labels must hold at least 2 distinct labels, got {sorted(set(labels))}")
-        unknown = sorted(set(labels) - set(names))
-        if unknown:
-            raise ValueError(f"labels not in label_names: {unknown[:10]}")
-        if not 0.0 <= val_fraction < 1.0:
-            raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction!r}")
-        for name, value in (("epochs", epochs), ("batch_size", batch_size), ("max_length", max_length)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
-        if tokenizer is None or not callable(tokenizer):
-            raise ValueError("tokenizer must be the base model's Hugging Face tokenizer")
+        texts, labels, names = _check_training_data(texts, labels, label_names)
+        _check_training_args(val_fraction=val_fraction, feature_dropout=feature_dropout, epochs=epochs,
+                             batch_size=batch_size, max_length=max_length, tokenizer=tokenizer)
 
         device = torch.device(device or "cpu")
         with torch.random.fork_rng(devices=[]):
@@ -343,46 +398,33 @@ class Router(nn.Module):
             router = cls(names, **arch).to(device)
         gen = torch.Generator().manual_seed(seed)
 
-        # Featurise everything once; batches only slice it.
-        ids, mask = _encode(tokenizer, texts, max_length)
-        bags = router.features(ids, mask)
-        n_feats = (bags != router.num_buckets).sum(dim=1)
-        if bool((n_feats == 0).any()):
-            i = int((n_feats == 0).nonzero()[0])
-            raise ValueError(f"texts[{i}] ({texts[i]!r}) has no tokens under this tokenizer")
-        # Move each row's features to the front, so a batch can drop the columns that are
-        # "no feature" in all its rows (sentences are much shorter than the longest one).
-        front = (bags == router.num_buckets).to(torch.int8).argsort(dim=1, stable=True)
-        bags = bags.gather(1, front)
-        index = {name: i for i, name in enumerate(names)}
-        targets = torch.tensor([index[lab] for lab in labels], dtype=torch.long)
-
+        data = _BagDataset(router, tokenizer, texts, [names.index(lab) for lab in labels], max_length)
         perm = torch.randperm(len(texts), generator=gen)
-        n_val = int(round(len(texts) * val_fraction))
-        n_val = min(n_val, len(texts) - 1)
+        n_val = min(int(round(len(texts) * val_fraction)), len(texts) - 1)
         val_idx, train_idx = perm[:n_val], perm[n_val:]
 
-        def batch(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            width = max(1, int(n_feats[rows].max()))
-            return bags[rows, :width].to(device), targets[rows].to(device)
-
-        optimizer = torch.optim.AdamW(router.parameters(), lr=lr, weight_decay=weight_decay)
-        total_steps = epochs * math.ceil(len(train_idx) / batch_size)
+        if batch_size is None:
+            batch_size = min(512, max(16, len(train_idx) // 32))
+        steps_per_epoch = math.ceil(len(train_idx) / batch_size)
+        if epochs is None:
+            epochs = max(4, math.ceil(160 / steps_per_epoch))
+        total_steps = epochs * steps_per_epoch
         warmup = max(1, total_steps // 20)
 
         def lr_factor(step: int) -> float:  # linear warm-up, then linear decay to zero
             return min((step + 1) / warmup, max(0.0, (total_steps - step) / (total_steps - warmup + 1)))
 
+        optimizer = torch.optim.AdamW(router.parameters(), lr=lr, weight_decay=weight_decay)
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
         router.train(True)
         with tqdm(total=total_steps, desc="router", unit="step", disable=not verbose) as bar:
             for _ in range(epochs):
                 order = train_idx[torch.randperm(len(train_idx), generator=gen)]
                 for start in range(0, len(order), batch_size):
-                    x, y = batch(order[start:start + batch_size])
+                    x, y = data.batch(order[start:start + batch_size], device)
                     if feature_dropout:
-                        # drop features at random (dropout on the bag): keeps the router from
-                        # memorising sentences by their rare bigrams
+                        # dropout on the bag: keeps the router from memorising sentences by
+                        # their rare bigrams
                         drop = torch.rand(x.shape, generator=gen).to(device) < feature_dropout
                         x = x.masked_fill(drop, router.num_buckets)
                     loss = nn.functional.cross_entropy(router.forward_features(x), y)
@@ -396,10 +438,7 @@ class Router(nn.Module):
         router.tokenizer = tokenizer
 
         if n_val:
-            with torch.no_grad():
-                correct = sum(int((router.forward_features(x).argmax(-1) == y).sum())
-                              for x, y in (batch(val_idx[i:i + 1024]) for i in range(0, n_val, 1024)))
-            router.val_accuracy = correct / n_val
+            router.val_accuracy = data.accuracy(router, val_idx, device)
             if verbose:
                 print(f"router: held-out accuracy {router.val_accuracy:.2%} "
                       f"({n_val} texts, {len(names)} labels)")

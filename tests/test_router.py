@@ -49,7 +49,7 @@ def tokenizer():
 @pytest.fixture(scope="module")
 def trained(tokenizer):
     texts, labels = make_texts(120, seed=1)
-    return Router.train(texts, labels, tokenizer, epochs=15, batch_size=64, lr=1e-2, verbose=False, **SMALL)
+    return Router.train(texts, labels, tokenizer, verbose=False, **SMALL)  # default schedule
 
 
 def _pad(seqs: list[list[int]], side: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -65,19 +65,22 @@ def _pad(seqs: list[list[int]], side: str) -> tuple[torch.Tensor, torch.Tensor]:
 # ----------------------------------------------------------------------------- hashing
 
 
-def _python_buckets(seq: list[int], num_buckets: int) -> list[int]:
+def _python_buckets(seq: list[int], num_buckets: int) -> tuple[list[int], list[int]]:
     """The documented hash written with Python ints (arbitrary precision: no overflow possible)."""
     M = 2**31 - 1
     uni = [(t % M) * 1_000_000_007 % M % num_buckets for t in seq]
     bi = [(((a % M) * 1_000_003 + b % M) % M * 998_244_353 + 754_974_721) % M % num_buckets
           for a, b in zip(seq[:-1], seq[1:], strict=True)]
-    return uni + bi
+    return uni, bi
 
 
 def test_hash_matches_python_ints_including_huge_ids():
     seq = [0, 5, 151_643, 2**31 - 2, 2**31 + 7, 2**40 + 3, 7]
     got = hashed_features(torch.tensor([seq]), None, 2**16)
-    assert got[0].tolist() == _python_buckets(seq, 2**16)
+    uni, bi = _python_buckets(seq, 2**16)
+    assert got.shape == (1, 2, len(seq))
+    assert got[0, 0].tolist() == uni and got[0, 1].tolist() == [2**16] + bi
+    assert len(set(uni + bi)) == len(uni + bi)  # no collisions among these few
 
 
 def test_hash_ignores_padding_position():
@@ -85,9 +88,9 @@ def test_hash_ignores_padding_position():
     right = hashed_features(*_pad(seqs, "right"), 97)
     left = hashed_features(*_pad(seqs, "left"), 97)
     for i, s in enumerate(seqs):
-        expect = sorted(_python_buckets(s, 97))
-        for feats in (right, left):
-            assert sorted(x for x in feats[i].tolist() if x != 97) == expect
+        for kind, expect in enumerate(_python_buckets(s, 97)):
+            for feats in (right, left):
+                assert sorted(x for x in feats[i, kind].tolist() if x != 97) == sorted(expect)
 
 
 # ----------------------------------------------------------------------------- architecture
