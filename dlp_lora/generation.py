@@ -25,8 +25,13 @@ containing a newline; the table is built once from the tokenizer.
 Every routing decision is appended to ``model.dlp_routing_log`` as a :class:`RoutingRecord`;
 the log is cleared at each prefill, so it always describes the latest generation.
 
+Prefill vs decode is read from the cache: a forward whose cache holds no token is a prefill.
+Without a cache (``use_cache=False``) every forward is therefore a prefill of the whole sequence
+so far, routed afresh.
+
 Limitations: beam search reorders the cache behind the hook's back, so ``sentence`` rerouting
 follows rows, not beams (``prompt`` routing is unaffected: beams of one prompt share a mixture).
+Routing runs in Python before each forward: inside a captured CUDA graph it would not run.
 """
 
 from __future__ import annotations
@@ -145,7 +150,8 @@ class SequenceRouting:
         reroute: str,
         ender_ids: frozenset[int],
         resolve_kernel: Callable[[torch.device, torch.dtype], tuple[Callable, str]],
-        bank_probe: Callable[[], torch.Tensor],
+        probe_module: torch.nn.Module,
+        forward_signature: inspect.Signature,
     ):
         self.state = state
         self.names = list(names)
@@ -153,7 +159,10 @@ class SequenceRouting:
         self.top_p, self.max_loras, self.reroute = top_p, max_loras, reroute
         self.ender_ids = ender_ids
         self._resolve_kernel = resolve_kernel
-        self._bank_probe = bank_probe  # one patched module's lora_a: where and in what dtype the bank is now
+        # One patched module, whose lora_a says where and in what dtype the bank is now. Modules and
+        # bound methods (not closures) so that copy.deepcopy(model) copies a consistent patch.
+        self._probe_module = probe_module
+        self._signature = forward_signature
         self._kernel_key: tuple | None = None
         self.log: list[RoutingRecord] = []
         self.override: list[Mixture] | None = None  # per sequence; length 1 = every sequence
@@ -169,6 +178,14 @@ class SequenceRouting:
 
     # --- entry point (called by the pre-forward hook) ----------------------------------------------
 
+    def pre_forward_hook(self, _model, args: tuple, kwargs: dict) -> None:
+        """The top-level model's forward pre-hook (registered with_kwargs=True)."""
+        inputs = kwargs if not args else self._signature.bind_partial(*args, **kwargs).arguments
+        cache = inputs.get("cache", inputs.get("past_key_values"))
+        self.before_forward(
+            inputs.get("input_ids"), inputs.get("attention_mask"), inputs.get("inputs_embeds"), cache
+        )
+
     def before_forward(self, input_ids: torch.Tensor | None, attention_mask, inputs_embeds, cache) -> None:
         if input_ids is not None:
             B, L = input_ids.shape[0], input_ids.shape[-1]
@@ -176,7 +193,7 @@ class SequenceRouting:
             B, L = inputs_embeds.shape[0], inputs_embeds.shape[1]
         else:
             raise ValueError("dlp-lora: the forward got neither input_ids nor inputs_embeds")
-        probe = self._bank_probe()
+        probe = self._probe_module._buffers["dlp_lora_a"]
         device = probe.device
         if (device, probe.dtype) != self._kernel_key:  # first call, or the model was moved / cast
             self.state.kernel, self.state.backend = self._resolve_kernel(device, probe.dtype)
@@ -440,10 +457,3 @@ def _module_device(module) -> torch.device:
     for tensor in (*module.parameters(), *module.buffers()) if isinstance(module, torch.nn.Module) else ():
         return tensor.device
     return torch.device("cpu")
-
-
-def forward_inputs(signature: inspect.Signature, args: tuple, kwargs: dict) -> dict:
-    """The forward's arguments by name (positional ones bound through the model's signature)."""
-    if not args:
-        return kwargs
-    return signature.bind_partial(*args, **kwargs).arguments

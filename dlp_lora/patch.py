@@ -32,7 +32,7 @@ from torch import nn
 from . import ops
 from ._env import forced_backend
 from .bank import LoRABank
-from .generation import REROUTE_MODES, RoutingState, SequenceRouting, forward_inputs, sentence_end_ids
+from .generation import REROUTE_MODES, RoutingState, SequenceRouting, sentence_end_ids
 from .routing import check_max_loras, check_top_p
 
 __all__ = ["patch_model", "unpatch_model", "use_mixture", "is_patched", "PatchError"]
@@ -220,16 +220,9 @@ def patch_model(
         reroute=reroute,
         ender_ids=ender_ids,
         resolve_kernel=resolve_kernel,
-        bank_probe=lambda: first.dlp_lora_a,
+        probe_module=first,
+        forward_signature=inspect.signature(model.forward),
     )
-    signature = inspect.signature(model.forward)
-
-    def route_before_forward(_module, args, kwargs):
-        inputs = forward_inputs(signature, args, kwargs)
-        cache = inputs.get("cache", inputs.get("past_key_values"))
-        routing.before_forward(
-            inputs.get("input_ids"), inputs.get("attention_mask"), inputs.get("inputs_embeds"), cache
-        )
 
     # Nothing below can fail on user input: swap every module, then install the hook.
     for module, entry in targets.values():
@@ -237,7 +230,7 @@ def patch_model(
         module.register_buffer(BUFFER_B, entry.lora_b, persistent=False)
         setattr(module, STATE_ATTR, state)
         module.__class__ = _patched_class(type(module))
-    hook = model.register_forward_pre_hook(route_before_forward, with_kwargs=True)
+    hook = model.register_forward_pre_hook(routing.pre_forward_hook, with_kwargs=True)
     setattr(model, HANDLE_ATTR, _PatchHandle(bank, router, routing, list(targets), hook))
     setattr(model, LOG_ATTR, routing.log)
     return model

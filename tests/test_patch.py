@@ -345,3 +345,21 @@ def test_call_styles(llama_case):
     model = patch_model(model, adapters, _LabelsOnly(["b", "a"]), reroute="prompt", backend=BACKEND)
     with pytest.raises(ValueError, match="inputs_embeds alone cannot be routed"), torch.no_grad():
         model(inputs_embeds=embeds)
+
+
+def test_deepcopy_of_a_patched_model(llama_case):
+    """copy.deepcopy copies a consistent patch: the copy routes itself and unpatches on its own."""
+    base, adapters, _, _ = llama_case
+    model = patch_model(copy.deepcopy(base), adapters, backend=BACKEND)
+    twin = copy.deepcopy(model)
+    ids = _ids(2, 5, seed=10)
+    with use_mixture(model, [{"a": 1.0}, {"b": 1.0}]):
+        expected = _logits(model, ids)
+    with use_mixture(twin, [{"a": 1.0}, {"b": 1.0}]):
+        assert torch.equal(_logits(twin, ids), expected)
+        with use_mixture(model, {}):  # the original's routing does not leak into the copy
+            assert torch.equal(_logits(twin, ids), expected)
+    unpatch_model(twin)
+    assert torch.equal(_logits(twin, ids), _logits(base, ids))
+    with use_mixture(model, [{"a": 1.0}, {"b": 1.0}]):
+        assert torch.equal(_logits(model, ids), expected)
