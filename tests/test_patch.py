@@ -363,3 +363,21 @@ def test_deepcopy_of_a_patched_model(llama_case):
     assert torch.equal(_logits(twin, ids), _logits(base, ids))
     with use_mixture(model, [{"a": 1.0}, {"b": 1.0}]):
         assert torch.equal(_logits(model, ids), expected)
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpp", "triton"])
+def test_every_cpu_backend_gives_the_same_model(llama_case, backend):
+    """The patched model through each usable backend matches the reference backend (batch, 2 mixtures)."""
+    from dlp_lora.ops import available_backends
+
+    if backend not in available_backends("cpu"):
+        pytest.skip(f"backend {backend!r} is not usable on this CPU")
+    base, adapters, _, _ = llama_case
+    ids, mask = left_pad([_ids(1, 6, seed=11)[0].tolist(), _ids(1, 3, seed=12)[0].tolist()])
+    mixtures = [{"a": 0.7, "b": 0.3}, {"b": 1.0}]
+    results = {}
+    for name in ("reference", backend):
+        model = patch_model(copy.deepcopy(base), adapters, backend=name)
+        with use_mixture(model, mixtures):
+            results[name] = _logits(model, ids, mask)
+    torch.testing.assert_close(results[backend], results["reference"], atol=ATOL, rtol=0)
