@@ -21,6 +21,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cstring>
 #include <memory>
 #include <type_traits>
 #include <vector>
@@ -33,13 +34,15 @@ namespace {
 
 std::atomic<int64_t> g_gemm_min_rows{0};  // 0 = per-dtype default
 
-// Measured on a 2-core Sapphire Rapids VM (benchmarks/bench_ops.py::test_gemm_threshold): below these
-// lengths the fused loops beat gather + GEMM (oneDNN's bf16 AMX GEMM wins sooner than MKL's fp32 one).
+// Measured on a 2-core Sapphire Rapids VM (bench_ops.py::test_gemm_threshold, 4 segments of L rows,
+// K=3, r=16, d=4096): the fused loops cost ~12 us per row in every dtype, gather + GEMM ~200 us per
+// segment plus ~10 us (MKL fp32) or ~4-8 us (oneDNN bf16/fp16) per row. Crossovers: fp32 ~ 50 rows,
+// bf16 / fp16 ~ 20-30 rows.
 int64_t default_gemm_min_rows(at::ScalarType dtype) {
   switch (dtype) {
-    case at::kBFloat16: return 32;
-    case at::kHalf: return 32;
-    default: return 32;
+    case at::kBFloat16: return 24;
+    case at::kHalf: return 24;
+    default: return 48;
   }
 }
 
@@ -171,23 +174,46 @@ void fused_segments(const Args<T>& p, const std::vector<int64_t>& segs) {
 }
 
 // ---------------------------------------------------------------------------------------------------
-// One long segment: gather + two GEMMs, the second accumulating into y.
-void gemm_segment(const at::Tensor& y, const at::Tensor& x, const at::Tensor& lora_a, const at::Tensor& lora_b,
-                  int64_t start, int64_t len, const int32_t* ids, const float* weights, int64_t K) {
-  const int64_t r = lora_a.size(1), d_in = lora_a.size(2);
+// One long segment: gather its adapters, then two GEMMs, the second accumulating into y.
+template <typename T>
+void gemm_segment(const Args<T>& p, const at::Tensor& y, const at::Tensor& x, const at::Tensor& lora_b,
+                  int64_t start, int64_t len, const int32_t* ids, const float* weights) {
+  const Kernels<T>& kern = kernels<T>();
+  const int64_t r = p.r, d_in = p.d_in, d_out = p.d_out;
   std::vector<int64_t> act_ids;
-  std::vector<at::Tensor> b_parts;
-  for (int64_t k = 0; k < K; ++k) {
+  std::vector<float> act_w;
+  for (int64_t k = 0; k < p.K; ++k) {
     if (ids[k] < 0) continue;
     act_ids.push_back(ids[k]);
-    // The mixture weight folds into B: one rounding of w*B in x's dtype (exact in fp32 up to 1 ulp).
-    b_parts.push_back(lora_b.select(0, ids[k]).mul(weights[k]));  // [d_out, r]
+    act_w.push_back(weights[k]);
   }
-  const int64_t ka = static_cast<int64_t>(act_ids.size());
-  const at::Tensor a_cat = ka == 1 ? lora_a.select(0, act_ids[0])
-                                   : lora_a.index_select(0, at::tensor(act_ids, at::kLong)).view({ka * r, d_in});
-  const at::Tensor b_cat = ka == 1 ? b_parts[0] : at::cat(b_parts, 1);  // [d_out, ka*r]
-  const at::Tensor u = at::mm(x.narrow(0, start, len), a_cat.t());   // [len, ka*r]
+  const int64_t ka = static_cast<int64_t>(act_ids.size()), kr = ka * r;
+  // A_cat [ka*r, d_in]: rows w_k * A[id_k][j]. The mixture weight folds in here (one rounding in x's
+  // dtype for fp16/bf16), so the second GEMM needs no scaling and y is updated once.
+  const at::Tensor a_cat = at::empty({kr, d_in}, x.options());
+  T* a_dst = reinterpret_cast<T*>(a_cat.data_ptr());
+  at::parallel_for(0, kr, kr * d_in < kMinParallelMacs ? kr : 1, [&](int64_t lo, int64_t hi) {
+    for (int64_t q = lo; q < hi; ++q) {
+      const int64_t k = q / r, j = q % r;
+      kern.scale(p.a + (act_ids[k] * r + j) * d_in, a_dst + q * d_in, d_in, act_w[k]);
+    }
+  });
+  // B_cat [d_out, ka*r]: the blocks B[id_k] [d_out, r] side by side (just B[id] for one adapter).
+  at::Tensor b_cat;
+  if (ka == 1) {
+    b_cat = lora_b.select(0, act_ids[0]);
+  } else {
+    b_cat = at::empty({d_out, kr}, x.options());
+    T* b_dst = reinterpret_cast<T*>(b_cat.data_ptr());
+    at::parallel_for(0, d_out, d_out * kr < kMinParallelMacs ? d_out : 1, [&](int64_t lo, int64_t hi) {
+      for (int64_t o = lo; o < hi; ++o) {
+        for (int64_t k = 0; k < ka; ++k) {
+          std::memcpy(b_dst + o * kr + k * r, p.b + (act_ids[k] * d_out + o) * r, r * sizeof(T));
+        }
+      }
+    });
+  }
+  const at::Tensor u = at::mm(x.narrow(0, start, len), a_cat.t());  // [len, ka*r], MKL / oneDNN
   y.narrow(0, start, len).addmm_(u, b_cat.t());
 }
 
@@ -209,7 +235,7 @@ void run(const at::Tensor& y, const at::Tensor& x, const at::Tensor& lora_a, con
     const int32_t* ids = p.lora_ids + s * p.K;
     if (len == 0 || std::all_of(ids, ids + p.K, [](int32_t id) { return id < 0; })) continue;  // y untouched
     if (len >= min_rows) {
-      gemm_segment(y, x, lora_a, lora_b, start, len, ids, p.lora_weights + s * p.K, p.K);
+      gemm_segment<T>(p, y, x, lora_b, start, len, ids, p.lora_weights + s * p.K);
     } else {
       fused.push_back(s);
     }

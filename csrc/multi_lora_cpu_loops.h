@@ -4,7 +4,7 @@
 // no #include here.
 //
 // Vec must provide: F (vector of W floats), W, zero(), load(p) / load_partial(p, n) for float, bf16_t
-// and f16_t (widened to fp32), fma(a, b, c), add(a, b), hsum(v), reduce_rows(F[W]) (lane i = sum of
+// and f16_t (widened to fp32), set1(w), fma(a, b, c), add(a, b), mul(a, b), hsum(v), reduce_rows(F[W]) (lane i = sum of
 // vector i), store / store_partial(p, v[, n]) to float, bf16_t, f16_t with round-to-nearest-even.
 
 // Dot products of NR rows of A with NU token rows (fp32) at once: each A vector is loaded (and
@@ -82,6 +82,15 @@ void widen(const T* src, float* dst, int64_t n) {
   if (i < n) Vec::store_partial(dst + i, Vec::load_partial(src + i, n - i), n - i);
 }
 
+template <typename T>
+void scale(const T* src, T* dst, int64_t n, float w) {
+  constexpr int W = Vec::W;
+  const auto wv = Vec::set1(w);
+  int64_t i = 0;
+  for (; i + W <= n; i += W) Vec::store(dst + i, Vec::mul(Vec::load(src + i), wv));
+  if (i < n) Vec::store_partial(dst + i, Vec::mul(Vec::load_partial(src + i, n - i), wv), n - i);
+}
+
 // Accumulate ROWS (<= W) output rows o..o+ROWS-1 of every slot into acc[0..ROWS): slot-outer, so the
 // slot's u vectors stay in registers while its B rows stream by. R > 0: rank known at compile time.
 template <typename T, int64_t R, int ROWS>
@@ -149,8 +158,9 @@ void expand(T* y_row, int64_t o0, int64_t o1, int64_t r, const T* const* b, cons
   }
 }
 
+// The table of this instruction set; an instance may pass its own, more specialised expand.
 template <typename T>
-const Kernels<T>& kernel_table(const char* isa) {
-  static const Kernels<T> table{isa, kShrinkRows, &widen<T>, &shrink<T>, &expand<T>};
+const Kernels<T>& kernel_table(const char* isa, decltype(Kernels<T>::expand) expand_fn = &expand<T>) {
+  static const Kernels<T> table{isa, kShrinkRows, &widen<T>, &scale<T>, &shrink<T>, expand_fn};
   return table;
 }

@@ -13,6 +13,7 @@
 #include <atomic>
 #include <cstdlib>
 #include <cstring>
+#include <type_traits>
 
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
@@ -39,6 +40,8 @@ struct Vec {
   // a*b+c, not std::fma: without hardware FMA std::fma is a slow exact library call.
   static F fma(F a, F b, F c) { return a * b + c; }
   static F add(F a, F b) { return a + b; }
+  static F mul(F a, F b) { return a * b; }
+  static F set1(float v) { return v; }
   static float hsum(F a) { return a; }
   static F reduce_rows(const F* acc) { return acc[0]; }
   static void store(float* p, F v) { *p = v; }
@@ -86,6 +89,8 @@ struct Vec {
   static F load_partial(const f16_t* p, int64_t n) { return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask(n), p)); }
   static F fma(F a, F b, F c) { return _mm512_fmadd_ps(a, b, c); }
   static F add(F a, F b) { return _mm512_add_ps(a, b); }
+  static F mul(F a, F b) { return _mm512_mul_ps(a, b); }
+  static F set1(float v) { return _mm512_set1_ps(v); }
   static float hsum(F a) { return _mm512_reduce_add_ps(a); }
   static __m256i narrow_bf16(F v) {  // c10::detail::round_to_nearest_even, 16 lanes at once
     const __m512i bits = _mm512_castps_si512(v);
@@ -120,6 +125,128 @@ struct Vec {
   }
 };
 #include "multi_lora_cpu_loops.h"
+
+// Expand with B rows read as whole 64-byte chunks, for the ranks where a chunk holds RPC = 2 or 4 whole
+// rows (fp32 r = 4, 8; bf16 r = 8, 16) or a row is a whole number of chunks (fp32 r = 16, 32, 64;
+// bf16 r = 32, 64). bf16 chunks are widened as even/odd halves (one shift, one and: no per-element
+// conversion), and u is permuted to the same lane pattern once per call. An accumulator then holds
+// RPC rows of LPR = 16 / RPC lanes each, so a 16-row block needs only log2(LPR) reduction rounds.
+// Versus the generic loop: no masked loads for r < 16, ~40% fewer instructions for bf16.
+template <typename T, int64_t R>
+struct Packed {
+  static constexpr int64_t kBytes = sizeof(T);
+  static constexpr int64_t kRowBytes = R * kBytes;
+  static constexpr int64_t kRowsPerChunk = kRowBytes >= 64 ? 1 : 64 / kRowBytes;
+  static constexpr int64_t kChunksPerRow = kRowBytes >= 64 ? kRowBytes / 64 : 1;
+  static constexpr int64_t kVecsPerChunk = kBytes == 2 ? 2 : 1;  // bf16: even and odd elements
+  static constexpr int64_t kLanesPerRow = 16 / kRowsPerChunk;
+  static constexpr int64_t kAcc = 16 / kRowsPerChunk;  // accumulators per 16-row block
+  static constexpr int64_t kMaxSlots = 8;               // u patterns live on the stack
+
+  // Element of the chunk that lane i of vector v holds.
+  static int64_t element(int64_t i, int64_t v) { return kVecsPerChunk == 2 ? 2 * i + v : i; }
+
+  // u_k permuted so lane i of pattern (c, v) multiplies what lane i of chunk c's vector v holds.
+  static __m512 pattern(const float* u_k, int64_t c, int64_t v) {
+    alignas(64) int32_t idx[16];
+    if constexpr (kRowsPerChunk > 1) {
+      for (int64_t i = 0; i < 16; ++i) idx[i] = static_cast<int32_t>(element(i, v) % R);
+      return _mm512_permutexvar_ps(_mm512_load_si512(idx), _mm512_loadu_ps(u_k));  // R <= 16: one vector
+    } else if constexpr (kVecsPerChunk == 1) {
+      return _mm512_loadu_ps(u_k + c * 16);
+    } else {  // bf16, a row of >= 32 elements: lanes 2i+v of the 32 floats u_k[32c : 32c+32]
+      for (int64_t i = 0; i < 16; ++i) idx[i] = static_cast<int32_t>(element(i, v));
+      return _mm512_permutex2var_ps(_mm512_loadu_ps(u_k + c * 32), _mm512_load_si512(idx),
+                                    _mm512_loadu_ps(u_k + c * 32 + 16));
+    }
+  }
+
+  static void widen_chunk(const T* p, __m512* out) {
+    if constexpr (kVecsPerChunk == 1) {
+      out[0] = _mm512_loadu_ps(reinterpret_cast<const float*>(p));
+    } else {
+      const __m512i v = _mm512_loadu_si512(p);
+      out[0] = _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));                              // even
+      out[1] = _mm512_castsi512_ps(_mm512_and_si512(v, _mm512_set1_epi32(0xFFFF0000u)));  // odd
+    }
+  }
+
+  // 16 row sums in row order from kAcc accumulators holding kRowsPerChunk rows each.
+  static __m512 reduce(const __m512* acc) {
+    if constexpr (kLanesPerRow == 16) return Vec::reduce_rows(acc);
+    // Rounds 1-2 of Vec::reduce_rows: 128-bit group g, lane m <- sum of group g of acc[4q + m].
+    __m512 quad[kAcc / 4];
+    for (int64_t q = 0; q < kAcc / 4; ++q) {
+      const __m512 s01 = _mm512_add_ps(_mm512_unpacklo_ps(acc[4 * q], acc[4 * q + 1]),
+                                       _mm512_unpackhi_ps(acc[4 * q], acc[4 * q + 1]));
+      const __m512 s23 = _mm512_add_ps(_mm512_unpacklo_ps(acc[4 * q + 2], acc[4 * q + 3]),
+                                       _mm512_unpackhi_ps(acc[4 * q + 2], acc[4 * q + 3]));
+      const __m512d d01 = _mm512_castps_pd(s01), d23 = _mm512_castps_pd(s23);
+      quad[q] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(d01, d23)),
+                              _mm512_castpd_ps(_mm512_unpackhi_pd(d01, d23)));
+    }
+    alignas(64) int32_t idx[16];
+    if constexpr (kLanesPerRow == 4) {  // acc[m] group g = row 4m+g, now at lane 4g+m
+      for (int64_t row = 0; row < 16; ++row) idx[row] = static_cast<int32_t>(4 * (row % 4) + row / 4);
+      return _mm512_permutexvar_ps(_mm512_load_si512(idx), quad[0]);
+    } else {  // kLanesPerRow == 8: one more round; rows (2m, 2m+1) of acc[m] land at lanes (m, 4+m) (+8)
+      const __m512 h = _mm512_add_ps(_mm512_shuffle_f32x4(quad[0], quad[1], 0x88),
+                                     _mm512_shuffle_f32x4(quad[0], quad[1], 0xDD));
+      for (int64_t row = 0; row < 16; ++row) {
+        idx[row] = static_cast<int32_t>(8 * (row / 8) + 4 * (row % 2) + (row % 8) / 2);
+      }
+      return _mm512_permutexvar_ps(_mm512_load_si512(idx), h);
+    }
+  }
+
+  static void expand(T* y_row, int64_t o0, int64_t o1, int64_t r, const T* const* b, const float* u_row,
+                     const int64_t* u_off, int64_t n_slots) {
+    if (n_slots > kMaxSlots) return expand_rank<T, R>(y_row, o0, o1, r, b, u_row, u_off, n_slots);
+    __m512 upat[kMaxSlots][kChunksPerRow][kVecsPerChunk];
+    for (int64_t k = 0; k < n_slots; ++k)
+      for (int64_t c = 0; c < kChunksPerRow; ++c)
+        for (int64_t v = 0; v < kVecsPerChunk; ++v) upat[k][c][v] = pattern(u_row + u_off[k], c, v);
+    constexpr int64_t kChunkElems = 64 / kBytes;
+    int64_t o = o0;
+    for (; o + 16 <= o1; o += 16) {
+      __m512 acc[kAcc];
+      for (int64_t a = 0; a < kAcc; ++a) acc[a] = _mm512_setzero_ps();
+      for (int64_t k = 0; k < n_slots; ++k) {
+        const T* bk = b[k] + o * R;  // 16 rows = kAcc * kChunksPerRow whole chunks
+        for (int64_t a = 0; a < kAcc; ++a) {
+          for (int64_t c = 0; c < kChunksPerRow; ++c) {
+            __m512 w[kVecsPerChunk];
+            widen_chunk(bk + (a * kChunksPerRow + c) * kChunkElems, w);
+            for (int64_t v = 0; v < kVecsPerChunk; ++v) acc[a] = _mm512_fmadd_ps(w[v], upat[k][c][v], acc[a]);
+          }
+        }
+      }
+      Vec::store(y_row + o, Vec::add(Vec::load(y_row + o), reduce(acc)));
+    }
+    if (o < o1) expand_rank<T, R>(y_row, o, o1, r, b, u_row, u_off, n_slots);  // last rows: generic loop
+  }
+};
+
+template <typename T>
+void expand_avx512(T* y_row, int64_t o0, int64_t o1, int64_t r, const T* const* b, const float* u_row,
+                   const int64_t* u_off, int64_t n_slots) {
+  if constexpr (std::is_same_v<T, float>) {
+    switch (r) {
+      case 4: return Packed<T, 4>::expand(y_row, o0, o1, r, b, u_row, u_off, n_slots);
+      case 8: return Packed<T, 8>::expand(y_row, o0, o1, r, b, u_row, u_off, n_slots);
+      default: break;
+    }
+  } else if constexpr (std::is_same_v<T, bf16_t>) {
+    switch (r) {
+      case 8: return Packed<T, 8>::expand(y_row, o0, o1, r, b, u_row, u_off, n_slots);
+      case 16: return Packed<T, 16>::expand(y_row, o0, o1, r, b, u_row, u_off, n_slots);
+      case 32: return Packed<T, 32>::expand(y_row, o0, o1, r, b, u_row, u_off, n_slots);
+      case 64: return Packed<T, 64>::expand(y_row, o0, o1, r, b, u_row, u_off, n_slots);
+      default: break;
+    }
+  }
+  expand<T>(y_row, o0, o1, r, b, u_row, u_off, n_slots);  // fp32 r = 16/32/64 is already whole vectors
+}
 }  // namespace avx512
 #ifdef __clang__
 #pragma clang attribute pop
@@ -151,6 +278,8 @@ struct Vec {
   static F load_partial(const T* p, int64_t n) { return load(Tail<T, W>(p, n).buf); }
   static F fma(F a, F b, F c) { return _mm256_fmadd_ps(a, b, c); }
   static F add(F a, F b) { return _mm256_add_ps(a, b); }
+  static F mul(F a, F b) { return _mm256_mul_ps(a, b); }
+  static F set1(float v) { return _mm256_set1_ps(v); }
   static float hsum(F a) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
     s = _mm_add_ps(s, _mm_movehl_ps(s, s));
@@ -259,7 +388,7 @@ template <typename T>
 const Kernels<T>& kernels() {
   switch (static_cast<Isa>(current_isa().load(std::memory_order_relaxed))) {
 #ifdef DLP_LORA_X86_SIMD
-    case Isa::kAvx512: return avx512::kernel_table<T>("avx512");
+    case Isa::kAvx512: return avx512::kernel_table<T>("avx512", &avx512::expand_avx512<T>);
     case Isa::kAvx2: return avx2::kernel_table<T>("avx2");
 #endif
     default: return generic::kernel_table<T>("generic");

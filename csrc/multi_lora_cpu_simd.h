@@ -32,6 +32,8 @@ struct Kernels {
   int64_t shrink_rows;
   // dst[i] = float(src[i]) for i < n.
   void (*widen)(const T* src, float* dst, int64_t n);
+  // dst[i] = round_to_T(w * float(src[i])) for i < n.
+  void (*scale)(const T* src, T* dst, int64_t n, float w);
   // For rows j in [j0, j1) of one adapter's A [r, d_in] (a points at row 0), and every use:
   //   use.u_out[j] = use.weight * dot(a[j, :], use.x_row)        (fp32 accumulation)
   void (*shrink)(const T* a, int64_t j0, int64_t j1, int64_t d_in, const ShrinkUse* uses,

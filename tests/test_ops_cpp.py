@@ -75,6 +75,18 @@ def test_every_kernel_path_matches_reference(isa, gemm_min_rows, dtype):
             assert_matches_reference(args.y, run_cpp(args), args, dtype, f"cpp[{isa}]", case=case)
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("r", [4, 8, 16, 32, 64])
+def test_specialised_ranks(r, dtype):
+    """Ranks with unrolled / packed-row expand loops; d_out = 2 full 16-row blocks + a tail; K = 9 slots
+    exceeds the packed loop's stack patterns (falls back), K = 3 does not."""
+    for K in (3, 9):
+        case = OpCase(48, 40, 12, r, K, (1, 1, 2, 0, 3), pattern="zipf", empty_slot_prob=0.2, seed=r + K)
+        args = case.tensors(dtype)
+        with kernel_path("auto", NEVER):
+            assert_matches_reference(args.y, run_cpp(args), args, dtype, "cpp", case=case)
+
+
 def test_in_place_contract():
     case = CASE_SWEEP[7]  # offset rows, empty segments, -1 slots
     args = case.tensors(torch.bfloat16)
