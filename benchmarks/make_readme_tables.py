@@ -1,0 +1,222 @@
+"""Regenerate the README's benchmark tables from benchmarks/results/*.json: never typed by hand.
+
+    python benchmarks/make_readme_tables.py              # rewrite README.md between the markers
+    python benchmarks/make_readme_tables.py --print      # only print the tables
+
+Each table replaces the text between ``<!-- BENCH:<name> -->`` and ``<!-- /BENCH:<name> -->``:
+
+  e2e    benchmarks/results/e2e_*.json          dlp-lora bench (dlp_lora/bench.py)
+  ops    benchmarks/results/ops_*.json          benchmarks/summarize_ops.py (kernel microbenchmarks)
+  layer  benchmarks/results/layer_*_raw.json    pytest-benchmark JSON of benchmarks/bench_layer.py
+  demo   benchmarks/results/demo*.json          the composite-task demo
+
+A result file that is missing leaves its section untouched; a marker that README.md lacks is
+reported, and that table is printed instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+
+
+# ----------------------------------------------------------------------------- helpers
+
+def md_table(header: list[str], rows: list[list]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(_cell(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _cell(value) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value).replace("|", "\\|")
+
+
+def _rel(path: Path | str) -> str:
+    path = Path(path)
+    try:
+        return str(path.resolve().relative_to(ROOT))
+    except ValueError:
+        return str(path)
+
+
+def _provenance(result: dict, path: Path) -> str:
+    machine, versions = result.get("machine", {}), result.get("versions", {})
+    where = machine.get("gpu") or machine.get("cpu", "?")
+    cores = f", {machine['cpu_count']} cores" if machine.get("cpu_count") else ""
+    load = result.get("load_average")
+    load_text = ""
+    if isinstance(load, dict) and load.get("start") and load.get("end"):
+        load_text = f", load average {load['start'][0]} -> {load['end'][0]}"
+    soft = ", ".join(f"{k} {versions[k]}" for k in ("torch", "transformers", "peft", "dlp_lora")
+                     if k in versions)
+    return f"_{where}{cores}{load_text}; {soft}; from `{_rel(path)}` ({result.get('created', '')})._"
+
+
+# ----------------------------------------------------------------------------- e2e (dlp-lora bench)
+
+def render_e2e(path: Path) -> str:
+    result = json.loads(path.read_text())
+    cfg, model = result["config"], result["config"]["model"]
+    parts = [
+        f"**End-to-end greedy decode** ({cfg['preset']} preset): Llama h={model['hidden_size']}, "
+        f"{model['num_hidden_layers']} layers, {model['parameters'] / 1e6:.0f}M parameters, {cfg['dtype']}; "
+        f"{cfg['prompt_len']}-token prompt, {cfg['new_tokens']} new tokens, r={cfg['rank']} on "
+        f"{len(cfg['target_modules'])} projections; DLP-LoRA top_p={cfg['top_p']}, "
+        f"max_loras={cfg['max_loras']}; "
+        f"median of {cfg['reps']} interleaved rounds [IQR]. Ratios: median over rounds of the paired ratio.",
+        "",
+        _provenance(result, path),
+        "",
+    ]
+    rows = []
+    for r in result["e2e"]:
+        d = r["decode_ms_per_token"]
+        rows.append([r["batch"], r["variant"], r.get("n_adapters"), f"{d['median']:.2f} [{d['iqr']:.2f}]",
+                     f"{r['tokens_per_s']:.1f}", _ratio(r, "base"), _ratio(r, "peft_single")])
+    parts.append(md_table(["batch", "variant", "N", "decode ms/token", "tokens/s", "x base", "x PEFT single"],
+                          rows))
+    if result.get("goals"):
+        parts += ["", md_table(["goal", "measured", "limit", "met"],
+                               [[g["goal"], g["measured"], g["limit"], "yes" if g["met"] else "**no**"]
+                                for g in result["goals"]])]
+    if result.get("scaling"):
+        parts += ["", _render_scaling(result)]
+    return "\n".join(parts)
+
+
+def _ratio(row: dict, ref: str) -> str:
+    q = row.get(f"ratio_to_{ref}")
+    return f"{q['median']:.3f} [{q['iqr']:.3f}]" if q else "-"
+
+
+def _render_scaling(result: dict) -> str:
+    rows = result["scaling"]
+    ns = sorted({r["n_adapters"] for r in rows})
+    labels = [(f"DLP-LoRA K={k}", lambda r, k=k: r["family"] == "dlp" and r["k"] == k)
+              for k in sorted({r["k"] for r in rows if r["family"] == "dlp"})]
+    labels.append(("MeteoRA top-2 (op form)", lambda r: r["family"] == "meteora"))
+    table = []
+    for label, match in labels:
+        by_n = {r["n_adapters"]: r for r in rows if match(r)}
+        table.append([label] + [f"{by_n[n]['ratio_to_base']['median']:.3f}" if n in by_n else "-"
+                                for n in ns])
+    out = ["**Scaling** (batch 1, decode time / base model, median): adapters in the bank N across, "
+           "adapters mixed per sequence K down.", "", md_table(["", *[f"N={n}" for n in ns]], table)]
+    if result.get("plot"):
+        out += ["", f"![decode time ratio against N]({_rel(result['plot'])})"]
+    return "\n".join(out)
+
+
+# ----------------------------------------------------------------------------- layer (pytest-benchmark)
+
+def render_layer(path: Path) -> str:
+    raw = json.loads(path.read_text())
+    benches = raw.get("benchmarks", [])
+    base_median = {b["group"]: b["stats"]["median"] for b in benches
+                   if b["extra_info"].get("variant") == "base"}
+    rows = []
+    order = lambda b: (b["group"], b["extra_info"].get("n_adapters", 0), b["stats"]["median"])
+    for b in sorted(benches, key=order):
+        info, stats = b["extra_info"], b["stats"]
+        ref = base_median.get(b["group"])
+        rows.append([b["group"], info.get("variant"), info.get("n_adapters"),
+                     f"{stats['median'] * 1e6:.1f} [{stats['iqr'] * 1e6:.1f}]",
+                     f"{stats['median'] / ref:.2f}" if ref else "-"])
+    machine = raw.get("machine_info", {})
+    head = (f"**One adapted Linear** (benchmarks/bench_layer.py): median µs [IQR], r=8; "
+            f"_{machine.get('cpu', {}).get('brand_raw', machine.get('processor', ''))}, "
+            f"from `{_rel(path)}` ({raw.get('datetime', '')[:19]})._")
+    return "\n".join([head, "", md_table(["case", "variant", "N", "µs", "x base"], rows)])
+
+
+# ----------------------------------------------------------------------------- ops / demo (other files)
+
+def render_rows(path: Path, title: str) -> str:
+    """A table of every flat row in a result file: its ``rows`` / ``results`` list (or the list itself)."""
+    data = json.loads(path.read_text())
+    keys = ("rows", "results", "table", "cases", "benchmarks")
+    rows = data if isinstance(data, list) else next(
+        (data[k] for k in keys if isinstance(data.get(k), list)), [])
+    rows = [r for r in rows if isinstance(r, dict)]
+    if not rows:
+        return f"_{title}: no rows found in `{_rel(path)}`._"
+    header: list[str] = []
+    for r in rows:
+        header += [k for k, v in r.items() if k not in header and not isinstance(v, (dict, list))]
+    parts = [f"**{title}**", ""]
+    if isinstance(data, dict):
+        parts += [_provenance(data, path), ""]
+    parts.append(md_table(header, [[r.get(k) for k in header] for r in rows]))
+    return "\n".join(parts)
+
+
+SECTIONS: dict[str, tuple[str, Callable[[Path], str]]] = {
+    "e2e": ("e2e_*.json", render_e2e),
+    "ops": ("ops_*.json", lambda p: render_rows(p, "Kernel microbenchmarks")),
+    "layer": ("layer_*_raw.json", render_layer),
+    "demo": ("demo*.json", lambda p: render_rows(p, "Composite-task demo")),
+}
+
+
+def build_tables(results_dir: Path) -> dict[str, str]:
+    """Section name -> markdown, for every section that has at least one result file."""
+    tables = {}
+    for name, (pattern, render) in SECTIONS.items():
+        files = sorted(p for p in results_dir.glob(pattern)
+                       if not (name == "ops" and p.name.endswith("_raw.json")))
+        if files:
+            tables[name] = "\n\n".join(render(p) for p in files)
+    return tables
+
+
+def replace_section(text: str, name: str, body: str) -> str | None:
+    """``text`` with the section's body replaced, or None when the markers are missing."""
+    pattern = re.compile(rf"(<!-- BENCH:{name} -->\n).*?(<!-- /BENCH:{name} -->)", re.DOTALL)
+    if not pattern.search(text):
+        return None
+    note = "<!-- generated by benchmarks/make_readme_tables.py; do not edit by hand -->\n"
+    return pattern.sub(lambda m: m.group(1) + note + body.rstrip() + "\n" + m.group(2), text, count=1)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--readme", type=Path, default=ROOT / "README.md")
+    parser.add_argument("--results", type=Path, default=RESULTS)
+    parser.add_argument("--print", dest="print_only", action="store_true",
+                        help="print the tables, change nothing")
+    args = parser.parse_args(argv)
+
+    tables = build_tables(args.results)
+    if not tables:
+        print(f"no result files in {args.results}; nothing to do")
+        return 0
+    text = None if args.print_only or not args.readme.exists() else args.readme.read_text()
+    for name, body in tables.items():
+        updated = None if text is None else replace_section(text, name, body)
+        if updated is None:
+            if text is not None:
+                print(f"{_rel(args.readme)} has no <!-- BENCH:{name} --> ... <!-- /BENCH:{name} --> markers; "
+                      "the table is printed instead:", file=sys.stderr)
+            print(f"\n<!-- BENCH:{name} -->\n{body}\n<!-- /BENCH:{name} -->\n")
+            continue
+        text = updated
+        print(f"updated the {name} table in {_rel(args.readme)}")
+    if text is not None:
+        args.readme.write_text(text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

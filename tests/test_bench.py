@@ -1,0 +1,70 @@
+"""Smoke test of the benchmark harness (dlp_lora.bench) and the README table generator.
+
+A tiny Llama, 2 rounds of 3 tokens: the numbers mean nothing, the test checks that every variant
+runs, that the JSON holds what the README and the lead need (machine, versions, medians, spread,
+paired ratios, goals, the mixtures used), that the plot is written, and that
+benchmarks/make_readme_tables.py puts the tables between the markers and nowhere else.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+from dlp_lora import bench
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _load_tables_script():
+    path = ROOT / "benchmarks" / "make_readme_tables.py"
+    spec = importlib.util.spec_from_file_location("make_readme_tables", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.slow
+def test_bench_harness_and_readme_tables(tmp_path):
+    out = tmp_path / "results" / "e2e_cpu.json"
+    argv = ["--model", "tiny", "--device", "cpu", "--reps", "2", "--new-tokens", "3",
+            "--batch-sizes", "1", "2", "--adapters", "6", "--forms", "bmm", "op",
+            "--scaling", "--scaling-adapters", "2",
+            "--cache-dir", str(tmp_path / "cache"), "--out", str(out)]
+    assert bench.main(argv) == 0
+    result = json.loads(out.read_text())
+
+    assert {"cpu", "cpu_count"} <= set(result["machine"])
+    assert {"torch", "transformers", "peft", "dlp_lora", "python"} <= set(result["versions"])
+    assert len(result["load_average"]["start"]) == 3
+    rows = {(r["variant"], r["batch"]): r for r in result["e2e"]}
+    expected = {"base", "peft_single", "peft_merged", "dlp_N6", "dlp_router_N6"}
+    expected |= {f"meteora_{form}_N6" for form in ("bmm", "op")}
+    assert {name for name, batch in rows if batch == 1} == expected
+    assert {name for name, batch in rows if batch == 2} == expected | {"peft_mixed"}
+    for row in result["e2e"]:
+        d = row["decode_ms_per_token"]
+        assert d["n"] == 2 and 0 < d["q1"] <= d["median"] <= d["q3"]
+        assert row["ratio_to_base"]["n"] == 2 and row["tokens_per_s"] > 0
+    assert rows[("base", 1)]["ratio_to_base"]["median"] == pytest.approx(1.0)
+    # each of the 2 sequences has its own 3-adapter mixture (adapters 0-2 and 3-5)
+    assert rows[("dlp_N6", 2)]["distinct_mixtures"] == 2
+    assert [sorted(m) for m in rows[("dlp_N6", 2)]["mixtures"]] == [
+        [f"task_{i:03d}" for i in range(3)], [f"task_{i:03d}" for i in range(3, 6)]]
+    assert len(rows[("dlp_router_N6", 1)]["mixtures"]) == 1
+
+    scaling = {(r["variant"], r["n_adapters"]) for r in result["scaling"]}
+    assert scaling == {("base", 2), ("dlp_N2_K1", 2), ("dlp_N2_K2", 2), ("meteora_op_N2", 2)}  # K <= N
+    assert Path(result["plot"]).stat().st_size > 0
+    assert any(g["goal"].startswith("MeteoRA best form") for g in result["goals"])
+
+    tables = _load_tables_script()
+    readme = tmp_path / "README.md"
+    readme.write_text("intro\n<!-- BENCH:e2e -->\nold\n<!-- /BENCH:e2e -->\noutro\n")
+    assert tables.main(["--readme", str(readme), "--results", str(out.parent)]) == 0
+    text = readme.read_text()
+    assert text.startswith("intro\n<!-- BENCH:e2e -->\n") and text.endswith("<!-- /BENCH:e2e -->\noutro\n")
+    assert "old" not in text and "| 2 | peft_mixed |" in text and "N=2" in text
