@@ -3,8 +3,9 @@
 The paper's router is a 4-layer MLP of about 5M parameters. To run inside the model's
 forward on ``input_ids`` without a second tokenizer, it featurises the base model's token
 ids directly: every token (unigram) and every adjacent pair (bigram) is hashed into one of
-``num_buckets`` buckets, an ``nn.EmbeddingBag`` averages the buckets' vectors over the
-sequence, and the MLP maps that average to logits over the adapter (label) names.
+``num_buckets`` buckets, an ``nn.EmbeddingBag`` averages the unigrams' and the bigrams' vectors
+over the sequence (two bags, concatenated), and the MLP maps that to logits over the adapter
+(label) names.
 Padding is excluded through ``attention_mask``, so left or right padding gives the same result.
 
     router = Router.train(texts, labels, tokenizer)      # prints held-out accuracy
