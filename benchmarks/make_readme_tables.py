@@ -55,6 +55,8 @@ def _provenance(result: dict, path: Path) -> str:
     machine, versions = result.get("machine", {}), result.get("versions", {})
     where = machine.get("gpu") or machine.get("cpu", "?")
     cores = f", {machine['cpu_count']} cores" if machine.get("cpu_count") else ""
+    if machine.get("torch_threads"):
+        cores += f", {machine['torch_threads']} torch thread(s)"
     load = result.get("load_average")
     load_text = ""
     if isinstance(load, dict) and load.get("start") and load.get("end"):

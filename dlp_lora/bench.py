@@ -19,8 +19,8 @@ What one run does (every number it reports comes from this run):
 * greedy ``generate()`` of ``new_tokens`` tokens after a ``prompt_len``-token random prompt, every
   sequence of a batch its own prompt (so its own mixture); one warm-up per variant, then
   ``reps`` rounds that visit every variant once (round-robin, the order rotated each round);
-* times every decode step with a LogitsProcessor clock: decode time per token = (last step -
-  first step) / (new_tokens - 1), so prefill is reported apart;
+* times every generation step with a LogitsProcessor clock: decode time per token = the median
+  interval between steps (the mean is reported too), so prefill is reported apart;
 * reports medians and interquartile ranges, and ratios to ``base`` and to ``peft_single`` as the
   median over rounds of the paired ratio (same round, so load drift cancels);
 * optional scaling sweep (``--full`` or ``--scaling``): N in {1,10,26,50,100} x K in {1..4}
@@ -278,15 +278,23 @@ def meteora_variant(base: nn.Module, bank, n: int, form: str, seed: int) -> Vari
 # ----------------------------------------------------------------------------- timing
 
 class StepClock:
-    """A LogitsProcessor that stamps the time of every generation step (after its forward)."""
+    """A LogitsProcessor that stamps every generation step (after its forward).
+
+    Wall time (perf_counter) is the measure. Process CPU time (all threads) is stamped too: on a
+    shared machine it is far less disturbed by other processes than wall time, so its ratios are
+    a useful cross-check (it also counts threads spinning at barriers, so it is not a speed).
+    """
 
     def __init__(self, device: torch.device):
         self.sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-        self.stamps: list[float] = []
+        self.stamps: list[tuple[float, float]] = []
+
+    def now(self) -> tuple[float, float]:
+        self.sync()
+        return time.perf_counter(), time.process_time()
 
     def __call__(self, input_ids, scores):
-        self.sync()
-        self.stamps.append(time.perf_counter())
+        self.stamps.append(self.now())
         return scores
 
 
@@ -300,14 +308,19 @@ def time_generate(variant: Variant, input_ids: torch.Tensor, new_tokens: int) ->
                   min_new_tokens=new_tokens, do_sample=False, pad_token_id=0,
                   logits_processor=LogitsProcessorList([clock]), **variant.generate_kwargs(batch))
     with torch.inference_mode(), variant.context(batch):
-        clock.sync()
-        start = time.perf_counter()
+        start = clock.now()
         variant.model.generate(**kwargs)
     if len(clock.stamps) != new_tokens:
         raise RuntimeError(f"{variant.name}: expected {new_tokens} generation steps, "
                            f"clocked {len(clock.stamps)}")
+    walls = [wall for wall, _ in clock.stamps]
     steps = max(new_tokens - 1, 1)
-    return {"prefill_s": clock.stamps[0] - start, "decode_s": (clock.stamps[-1] - clock.stamps[0]) / steps}
+    return {"prefill_s": walls[0] - start[0],
+            # the median step: robust to a stray spike from another process; on a quiet machine it
+            # equals the mean (decode steps differ only by a KV cache a few tokens longer)
+            "decode_s": statistics.median(b - a for a, b in itertools.pairwise(walls)),
+            "decode_mean_s": (walls[-1] - walls[0]) / steps,
+            "decode_cpu_s": (clock.stamps[-1][1] - clock.stamps[0][1]) / steps}
 
 
 def run_interleaved(variants: Sequence[Variant], input_ids: torch.Tensor, *, new_tokens: int, reps: int,
@@ -336,25 +349,37 @@ def quartiles(values: Sequence[float]) -> dict:
 
 def summarize(variants: Sequence[Variant], samples: dict[str, list[dict]], batch: int,
               references: Sequence[str]) -> list[dict]:
-    """Per variant: decode ms/token, tokens/s, prefill ms, and paired ratios to each reference."""
+    """Per variant: decode ms/token, tokens/s, prefill ms, and paired ratios to each reference.
+
+    ratio_to_<ref>: quartiles over rounds of (this variant's decode time / ref's, same round);
+    cpu_time_ratio_to_<ref>: the same with process CPU time (a cross-check on a busy machine).
+    """
+    def column(name, key):
+        return [s[key] for s in samples[name]]
+
+    def in_ms(values):
+        return {k: (x * 1e3 if k != "n" else x) for k, x in quartiles(values).items()}
+
     rows = []
     for v in variants:
-        decode = [s["decode_s"] for s in samples[v.name]]
+        decode = column(v.name, "decode_s")
         row = {
             "variant": v.name, "family": v.family, "batch": batch, "n_adapters": v.n_adapters,
             "k": v.k, "form": v.form,
-            "decode_ms_per_token": {k: (x * 1e3 if k != "n" else x) for k, x in quartiles(decode).items()},
+            "decode_ms_per_token": in_ms(decode),
+            "decode_mean_ms_per_token": in_ms(column(v.name, "decode_mean_s")),
             "tokens_per_s": batch / statistics.median(decode),
-            "prefill_ms": {k: (x * 1e3 if k != "n" else x)
-                           for k, x in quartiles([s["prefill_s"] for s in samples[v.name]]).items()},
+            "prefill_ms": in_ms(column(v.name, "prefill_s")),
+            "decode_cpu_ms_per_token": in_ms(column(v.name, "decode_cpu_s")),
         }
         for ref in references:
-            if ref in samples:
-                pairs = zip(samples[v.name], samples[ref], strict=True)
-                paired = [a["decode_s"] / b["decode_s"] for a, b in pairs]
-                row[f"ratio_to_{ref}"] = quartiles(paired)
-                row[f"ratio_of_medians_to_{ref}"] = statistics.median(decode) / statistics.median(
-                    [s["decode_s"] for s in samples[ref]])
+            if ref not in samples:
+                continue
+            for key, label in (("decode_s", "ratio_to"), ("decode_cpu_s", "cpu_time_ratio_to")):
+                pairs = zip(column(v.name, key), column(ref, key), strict=True)
+                row[f"{label}_{ref}"] = quartiles([a / b for a, b in pairs])
+            row[f"ratio_of_medians_to_{ref}"] = statistics.median(decode) / statistics.median(
+                column(ref, "decode_s"))
         row.update(v.info)
         rows.append(row)
     return rows
@@ -551,6 +576,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--profile", metavar="VARIANT", default=None,
                         help="instead of benchmarking, profile one variant (e.g. dlp_N26, base) at batch "
                              "--batch-sizes[0] with torch.profiler and print the top operators")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch.set_num_threads (default: torch's choice, one per core)")
     parser.add_argument("--seed", type=int, default=0)
     return parser
 
@@ -586,6 +613,8 @@ def run(args: argparse.Namespace) -> dict:
     from tqdm.auto import tqdm
 
     settings = settings_from_args(args)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     dtype = getattr(torch, settings.dtype)
     load_start = load_average()
     base = build_base_model(settings.model, device=settings.device, dtype=dtype, seed=settings.seed)
@@ -614,8 +643,9 @@ def run(args: argparse.Namespace) -> dict:
                               "(untrained) weights, top_p and max_loras as above, routed once per prompt "
                               f"(reroute={settings.reroute!r}); scaling sweep: use_mixture with K adapters",
                    "meteora": "one random gate Linear(d_in, N) per module, top-2, softmax(top2 / 1.0)",
-                   "timing": "decode = (last step - first step) / (new_tokens - 1); ratios = median over "
-                             "rounds of the paired ratio within a round"},
+                   "timing": "decode time per token = median of the intervals between generation steps "
+                             "of one generate() (decode_mean_ms_per_token: their mean); ratios = median "
+                             "over rounds of the paired ratio within a round"},
     }
     per_n = 2 + len(settings.meteora_forms)
     total = sum((3 + (b > 1) + per_n * len(settings.adapter_counts)) * (settings.reps + 1)
@@ -646,13 +676,14 @@ def print_summary(result: dict) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title="decode, ms/token (median [IQR]) and ratios (paired median)")
-    for col in ("batch", "variant", "ms/token", "tok/s", "x base", "x peft_single"):
+    table = Table(title="decode, ms/token (median [IQR]) and ratios (paired median; CPU-time ratio)")
+    for col in ("batch", "variant", "ms/token", "tok/s", "x base", "x base (CPU time)", "x peft_single"):
         table.add_column(col)
     for r in result["e2e"]:
         d = r["decode_ms_per_token"]
         table.add_row(str(r["batch"]), r["variant"], f"{d['median']:.1f} [{d['iqr']:.1f}]",
                       f"{r['tokens_per_s']:.1f}", f"{r['ratio_to_base']['median']:.3f}",
+                      f"{r['cpu_time_ratio_to_base']['median']:.3f}",
                       f"{r['ratio_to_peft_single']['median']:.3f}" if "ratio_to_peft_single" in r else "-")
     console = Console()
     console.print(table)
