@@ -22,6 +22,8 @@ _LAZY = {
     "patch_model": ".patch",
     "unpatch_model": ".patch",
     "use_mixture": ".patch",
+    "is_patched": ".patch",
+    "PatchError": ".patch",
 }
 
 __all__ = ["ops", "__version__", *_LAZY]
