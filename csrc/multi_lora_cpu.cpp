@@ -46,8 +46,10 @@ int64_t default_gemm_min_rows(at::ScalarType dtype) {
   }
 }
 
-// Below this many multiply-adds a parallel region costs more than it saves.
-constexpr int64_t kMinParallelMacs = 1 << 16;
+// Below this many multiply-adds (~10 us on one core) a parallel region costs more than it saves: its
+// fork/join is a few us on an idle machine, and a whole scheduler tick when a worker thread has been
+// descheduled (a busy machine). One decode token of a 4096-wide Linear (K*r = 48) stays on one core.
+constexpr int64_t kMinParallelMacs = 1 << 18;
 
 template <typename T>
 struct Args {
