@@ -87,6 +87,22 @@ def test_specialised_ranks(r, dtype):
             assert_matches_reference(args.y, run_cpp(args), args, dtype, "cpp", case=case)
 
 
+def test_thread_count_does_not_change_fused_results():
+    """Work is split by rows of A and blocks of outputs, never inside a sum: bitwise the same on 1 thread."""
+    case = OpCase(1024, 520, 30, 16, 3, (1,) * 24 + (5, 0, 7), pattern="skewed", seed=5)
+    args = case.tensors(torch.bfloat16)
+    threads = torch.get_num_threads()
+    try:
+        with kernel_path("auto", NEVER):
+            torch.set_num_threads(1)
+            single = run_cpp(args)
+            torch.set_num_threads(max(2, threads))
+            multi = run_cpp(args)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(single, multi)
+
+
 def test_in_place_contract():
     case = CASE_SWEEP[7]  # offset rows, empty segments, -1 slots
     args = case.tensors(torch.bfloat16)
