@@ -54,16 +54,20 @@ def _rel(path: Path | str) -> str:
 def _provenance(result: dict, path: Path) -> str:
     machine, versions = result.get("machine", {}), result.get("versions", {})
     where = machine.get("gpu") or machine.get("cpu", "?")
-    cores = f", {machine['cpu_count']} cores" if machine.get("cpu_count") else ""
+    count = machine.get("cpu_count") or machine.get("logical_cores")
+    cores = f", {count} cores" if count else ""
     if machine.get("torch_threads"):
         cores += f", {machine['torch_threads']} torch thread(s)"
-    load = result.get("load_average")
-    load_text = ""
+    load, load_text = result.get("load_average"), ""
     if isinstance(load, dict) and load.get("start") and load.get("end"):
         load_text = f", load average {load['start'][0]} -> {load['end'][0]}"
+    elif isinstance(result.get("load_during_run"), dict):
+        during = result["load_during_run"]
+        load_text = f", load average {during['loadavg_1min_min']:.1f}-{during['loadavg_1min_max']:.1f}"
     soft = ", ".join(f"{k} {versions[k]}" for k in ("torch", "transformers", "peft", "dlp_lora")
                      if k in versions)
-    return f"_{where}{cores}{load_text}; {soft}; from `{_rel(path)}` ({result.get('created', '')})._"
+    created = result.get("created") or str(result.get("datetime", ""))[:19]
+    return f"_{where}{cores}{load_text}; {soft}; from `{_rel(path)}` ({created})._"
 
 
 # ----------------------------------------------------------------------------- e2e (dlp-lora bench)
@@ -143,7 +147,37 @@ def render_layer(path: Path) -> str:
     return "\n".join([head, "", md_table(["case", "variant", "N", "µs", "x base"], rows)])
 
 
-# ----------------------------------------------------------------------------- ops / demo (other files)
+# ----------------------------------------------------------------------------- ops (summarize_ops.py)
+
+def render_ops(path: Path) -> str:
+    """The kernel microbenchmarks: cpp against the better of the per-adapter loop and gather+bmm."""
+    data = json.loads(path.read_text())
+    shapes = data.get("shapes")
+    if not isinstance(shapes, list):
+        return render_rows(path, "Kernel microbenchmarks")
+    rows = []
+    for s in shapes:
+        impls, best = s["impls"], s.get("best_baseline")
+        cpp, base = impls.get("cpp", {}), impls.get(best, {})
+        rows.append([s["phase"], s["dtype"], s["T"], s["S"], s["N"], s["K"], s["r"],
+                     f"{s['d_in']}x{s['d_out']}", _us(cpp), f"{_us(base)} ({best})",
+                     f"{s['speedup_vs_best_baseline']:.2f}",
+                     f"{s['goal_speedup']:.2f}", "yes" if s["meets_goal"] else "**no**",
+                     f"{s['roofline']['bytes'] / 1e6:.2f}", f"{cpp.get('achieved_GBps', 0):.1f}"])
+    header = ["phase", "dtype", "T", "S", "N", "K", "r", "d_in x d_out", "cpp µs", "best baseline µs",
+              "speedup", "goal", "met", "MB moved", "cpp GB/s"]
+    what = data.get("what", "multi-LoRA op")
+    return "\n".join([f"**Kernel microbenchmarks**: {what}; median [IQR] over pytest-benchmark rounds.", "",
+                      _provenance(data, path), "", md_table(header, rows)])
+
+
+def _us(timing: dict) -> str:
+    if not timing:
+        return "-"
+    return f"{timing['median_us']:.1f} [{timing['iqr_us']:.1f}]"
+
+
+# ----------------------------------------------------------------------------- demo / other files
 
 def render_rows(path: Path, title: str) -> str:
     """A table of every flat row in a result file: its ``rows`` / ``results`` list (or the list itself)."""
@@ -166,7 +200,7 @@ def render_rows(path: Path, title: str) -> str:
 
 SECTIONS: dict[str, tuple[str, Callable[[Path], str]]] = {
     "e2e": ("e2e_*.json", render_e2e),
-    "ops": ("ops_*.json", lambda p: render_rows(p, "Kernel microbenchmarks")),
+    "ops": ("ops_*.json", render_ops),
     "layer": ("layer_*_raw.json", render_layer),
     "demo": ("demo*.json", lambda p: render_rows(p, "Composite-task demo")),
 }

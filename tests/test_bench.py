@@ -68,3 +68,27 @@ def test_bench_harness_and_readme_tables(tmp_path):
     text = readme.read_text()
     assert text.startswith("intro\n<!-- BENCH:e2e -->\n") and text.endswith("<!-- /BENCH:e2e -->\noutro\n")
     assert "old" not in text and "| 2 | peft_mixed |" in text and "N=2" in text
+
+
+def test_readme_tables_ops_section_and_missing_markers(tmp_path, capsys):
+    """The ops table comes from summarize_ops.py's JSON; a README without a marker gets it printed."""
+    timing = {"median_us": 12.5, "iqr_us": 0.5, "achieved_GBps": 40.0}
+    shape = {"phase": "decode", "dtype": "fp32", "T": 1, "S": 1, "N": 26, "K": 3, "r": 8, "d_in": 2048,
+             "d_out": 2048, "roofline": {"bytes": 420000}, "best_baseline": "peft_loop",
+             "speedup_vs_best_baseline": 5.0, "goal_speedup": 2.0, "meets_goal": True,
+             "impls": {"cpp": timing, "peft_loop": dict(timing, median_us=62.5)}}
+    results = tmp_path / "results"
+    results.mkdir()
+    ops = {"what": "op", "machine": {"cpu": "x"}, "shapes": [shape]}
+    (results / "ops_cpu.json").write_text(json.dumps(ops))
+    readme = tmp_path / "README.md"
+    readme.write_text("<!-- BENCH:ops -->\n<!-- /BENCH:ops -->\n")
+    tables = _load_tables_script()
+    assert tables.main(["--readme", str(readme), "--results", str(results)]) == 0
+    row = "| decode | fp32 | 1 | 1 | 26 | 3 | 8 | 2048x2048 | 12.5 [0.5] | 62.5 [0.5] (peft_loop) | 5.00 |"
+    assert row in readme.read_text()
+    readme.write_text("no markers here\n")
+    assert tables.main(["--readme", str(readme), "--results", str(results)]) == 0
+    assert readme.read_text() == "no markers here\n"
+    captured = capsys.readouterr()
+    assert "has no <!-- BENCH:ops -->" in captured.err and "| decode | fp32 |" in captured.out
