@@ -60,7 +60,7 @@ struct Args {
   const int32_t* seg_indptr;
   const int32_t* lora_ids;
   const float* lora_weights;
-  int64_t T_, d_in, d_out, N, r, S, K;
+  int64_t d_in, d_out, N, r, S, K;
 };
 
 // ---------------------------------------------------------------------------------------------------
@@ -229,7 +229,7 @@ void run(const at::Tensor& y, const at::Tensor& x, const at::Tensor& lora_a, con
             seg_indptr.const_data_ptr<int32_t>(),
             lora_ids.const_data_ptr<int32_t>(),
             lora_weights.const_data_ptr<float>(),
-            x.size(0), x.size(1), lora_b.size(1), lora_a.size(0), lora_a.size(1), lora_ids.size(0), lora_ids.size(1)};
+            x.size(1), lora_b.size(1), lora_a.size(0), lora_a.size(1), lora_ids.size(0), lora_ids.size(1)};
   const int64_t min_rows = g_gemm_min_rows.load() > 0 ? g_gemm_min_rows.load() : default_gemm_min_rows(x.scalar_type());
   std::vector<int64_t> fused;
   for (int64_t s = 0; s < p.S; ++s) {
