@@ -1,0 +1,334 @@
+"""The `dlp-lora` command line, for any local Hugging Face model directory and PEFT adapters.
+
+    dlp-lora train-router --data tasks.jsonl --tokenizer MODEL_DIR --out router/
+    dlp-lora generate --model MODEL_DIR --adapters math=adapters/math code=adapters/code \\
+                      --router router/ --prompt "..." [--show-routing]
+    dlp-lora inspect --adapters math=adapters/math code=adapters/code
+    dlp-lora bench [--full] [--out result.json]
+
+Bad input (a missing directory, a malformed JSONL line, an adapter made for another model, a router
+trained for other adapters) ends with one line on stderr and exit status 2, before anything is
+written. `--debug` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import sys
+from pathlib import Path
+
+EXIT_BAD_INPUT = 2
+
+
+class CLIError(Exception):
+    """Bad input: printed as one line on stderr, exit status 2."""
+
+
+# ---- argument checks (all run before anything is loaded or written) ---------------------------------
+
+
+def existing_dir(path: str | Path, flag: str, kind: str = "directory") -> Path:
+    path = Path(path)
+    if not path.exists():
+        raise CLIError(f"{flag}: {kind} not found: {path}")
+    if not (path.is_dir() if kind == "directory" else path.is_file()):
+        raise CLIError(f"{flag}: not a {kind}: {path}")
+    return path
+
+
+def writable_dir(path: str | Path, flag: str) -> Path:
+    """An output directory that may exist (its files are overwritten) but must not be a file."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise CLIError(f"{flag}: exists and is not a directory: {path}")
+    parent = path.resolve().parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise CLIError(f"{flag}: cannot create {path}: {parent} is not a directory")
+    return path
+
+
+def parse_adapters(specs: list[str]) -> dict[str, Path]:
+    """`name=DIR` or `DIR` (named by its folder) -> {name: directory}; every directory must exist."""
+    adapters: dict[str, Path] = {}
+    for spec in specs:
+        name, sep, path = spec.partition("=")
+        if not sep:
+            name, path = Path(spec).name, spec
+        if not name or not path:
+            raise CLIError(f"--adapters: expected name=DIR or DIR, got {spec!r}")
+        if name in adapters:
+            raise CLIError(f"--adapters: the name {name!r} is given twice")
+        adapters[name] = existing_dir(path, f"--adapters {name}")
+    return adapters
+
+
+def parse_mixture(spec: str, names: list[str]) -> dict[str, float]:
+    """`math=0.7,code=0.3` -> {"math": 0.7, "code": 0.3}; names must be adapters of the bank."""
+    mixture: dict[str, float] = {}
+    for part in filter(None, (p.strip() for p in spec.split(","))):
+        name, sep, weight = part.partition("=")
+        try:
+            value = float(weight)
+        except ValueError:
+            value = None
+        if not sep or value is None:
+            raise CLIError(f"--mixture: expected name=weight[,name=weight...], got {spec!r}")
+        if name not in names:
+            raise CLIError(f"--mixture: unknown adapter {name!r}; the adapters are {names}")
+        mixture[name] = value
+    return mixture
+
+
+def read_task_jsonl(path: Path) -> tuple[list[str], list[str]]:
+    """Every non-blank line must be {"text": str, "task": str}; the first bad one is named by number."""
+    texts, tasks = [], []
+    with path.open(encoding="utf-8") as f:
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            where = f"{path} line {lineno}"
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise CLIError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
+            if not isinstance(row, dict):
+                raise CLIError(f'{where}: expected an object {{"text": ..., "task": ...}}, '
+                               f"got {type(row).__name__}")
+            for key in ("text", "task"):
+                if not isinstance(row.get(key), str) or not row[key].strip():
+                    raise CLIError(f"{where}: {key!r} must be a non-empty string, got {row.get(key)!r}")
+            texts.append(row["text"])
+            tasks.append(row["task"])
+    if not texts:
+        raise CLIError(f"{path}: no examples (expected one JSON object per line)")
+    if len(set(tasks)) < 2:
+        raise CLIError(f"{path}: a router needs at least 2 tasks, found {sorted(set(tasks))}")
+    return texts, tasks
+
+
+def load_tokenizer(directory: Path, flag: str):
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(directory))
+    except (OSError, ValueError, KeyError) as e:
+        raise CLIError(f"{flag}: no Hugging Face tokenizer could be loaded from {directory} "
+                       f"({_one_line(e)})") from None
+    tokenizer.padding_side = "left"  # generation continues each prompt at its last column
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def check_router_matches(router, names: list[str], tokenizer) -> None:
+    """A router must score exactly the bank's adapters, and read the model's token ids."""
+    if sorted(router.label_names) != sorted(names):
+        raise CLIError(f"--router: its labels {sorted(router.label_names)} do not match the adapters "
+                       f"{sorted(names)}; train it on tasks named like the adapters")
+    own = getattr(router, "tokenizer", None)
+    if own is not None and own.get_vocab() != tokenizer.get_vocab():
+        raise CLIError("--router: it was trained with a different tokenizer than the model's; retrain it "
+                       "with --tokenizer pointing at this model")
+
+
+# ---- commands -------------------------------------------------------------------------------------
+
+
+def cmd_train_router(args) -> int:
+    from .router import Router
+
+    data = existing_dir(args.data, "--data", kind="file")
+    tokenizer_dir = existing_dir(args.tokenizer, "--tokenizer")
+    out = writable_dir(args.out, "--out")
+    if not 0.0 <= args.val_fraction < 1.0:
+        raise CLIError(f"--val-fraction must be in [0, 1), got {args.val_fraction}")
+    texts, tasks = read_task_jsonl(data)
+    tokenizer = load_tokenizer(tokenizer_dir, "--tokenizer")
+    print(f"training a router on {len(texts)} texts, {len(set(tasks))} tasks ({data})")
+    router = Router.train(texts, tasks, tokenizer, val_fraction=args.val_fraction, epochs=args.epochs,
+                          seed=args.seed, verbose=True)
+    router.save(out)
+    print(f"router saved to {out}/ (labels: {', '.join(router.label_names)})")
+    return 0
+
+
+def cmd_generate(args) -> int:
+    import torch
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    from .bank import LoRABank
+    from .patch import patch_model, use_mixture
+    from .router import Router
+
+    model_dir = existing_dir(args.model, "--model")
+    adapters = parse_adapters(args.adapters)
+    router_dir = existing_dir(args.router, "--router") if args.router else None
+    if router_dir is None and args.mixture is None:
+        raise CLIError("give --router DIR (routed mixtures) or --mixture name=weight,... (a fixed one)")
+    prompts = list(args.prompt)
+    if any(not p.strip() for p in prompts):
+        raise CLIError("--prompt: empty prompt")
+    if not 0.0 < args.top_p <= 1.0:
+        raise CLIError(f"--top-p must be in (0, 1], got {args.top_p}")
+    if args.max_new_tokens < 1:
+        raise CLIError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    dtype = getattr(torch, args.dtype)
+    hf_logging.disable_progress_bar()  # stderr is for errors; "Loading weights" bars would precede them
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+
+    bank = LoRABank.from_peft(adapters)
+    mixture = parse_mixture(args.mixture, bank.names) if args.mixture is not None else None
+    tokenizer = load_tokenizer(model_dir, "--model")
+    router = Router.load(router_dir) if router_dir else None
+    if router is not None:
+        check_router_matches(router, bank.names, tokenizer)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype).to(device).eval()
+    except (OSError, ValueError) as e:
+        raise CLIError(f"--model: no causal LM could be loaded from {model_dir} ({_one_line(e)})") from None
+    patch_model(model, bank, router, top_p=args.top_p, max_loras=args.max_loras, reroute=args.reroute,
+                tokenizer=tokenizer)
+
+    enc = tokenizer(prompts, return_tensors="pt", padding=True).to(device)
+    routing = use_mixture(model, mixture) if mixture is not None else contextlib.nullcontext()
+    with torch.no_grad(), routing:
+        out = model.generate(**enc, max_new_tokens=args.max_new_tokens, do_sample=False,
+                             pad_token_id=tokenizer.pad_token_id)
+    new_tokens = out[:, enc["input_ids"].shape[1]:]
+    for b, prompt in enumerate(prompts):
+        text = tokenizer.decode(new_tokens[b], skip_special_tokens=True)
+        print(f"[{b}] {prompt}{text}" if len(prompts) > 1 else f"{prompt}{text}")
+        if args.show_routing:
+            prompt_ids = enc["input_ids"][b][enc["attention_mask"][b].bool()]
+            real = prompt_ids.tolist() + new_tokens[b].tolist()
+            for line in routing_lines(model.dlp_routing_log, b, real, tokenizer):
+                print(line)
+    return 0
+
+
+def routing_lines(log, sequence: int, token_ids: list[int], tokenizer) -> list[str]:
+    """One line per routed span of `sequence`: its text and the adapters with their weights.
+
+    log: model.dlp_routing_log (records with sequence, position, adapters, weights, reason);
+    token_ids: the sequence's real (unpadded) prompt + generated ids, which positions index.
+    """
+    records = sorted((r for r in log if r.sequence == sequence), key=lambda r: r.position)
+    lines = []
+    for i, rec in enumerate(records):
+        end = records[i + 1].position if i + 1 < len(records) else len(token_ids)
+        text = tokenizer.decode(token_ids[rec.position:end], skip_special_tokens=True)
+        pairs = zip(rec.adapters, rec.weights, strict=True)
+        mix = ", ".join(f"{name} {w:.2f}" for name, w in pairs) or "base model"
+        lines.append(f"  routing: sentence {i + 1} ({rec.reason}, tokens {rec.position}-{end - 1}) "
+                     f"{text!r} -> {mix}")
+    return lines
+
+
+def cmd_inspect(args) -> int:
+    from .bank import LoRABank
+
+    bank = LoRABank.from_peft(parse_adapters(args.adapters))
+    print(bank.summary())
+    for name, cfg in bank.configs.items():
+        targets = cfg.get("target_modules")
+        print(f"  {name}: target_modules={targets!r}, r={cfg.get('r')}, lora_alpha={cfg.get('lora_alpha')}, "
+              f"base_model={cfg.get('base_model_name_or_path')!r}")
+    return 0
+
+
+def cmd_bench(args) -> int:
+    try:
+        from . import bench
+    except ImportError as e:
+        raise CLIError(f"the end-to-end benchmark is not available in this install "
+                       f"({_one_line(e)})") from None
+    if not hasattr(bench, "add_arguments") or not hasattr(bench, "run"):
+        raise CLIError("the end-to-end benchmark is not available in this install (dlp_lora.bench lacks run)")
+    parser = argparse.ArgumentParser(prog="dlp-lora bench", description=(bench.__doc__ or "").split("\n")[0])
+    bench.add_arguments(parser)
+    result = bench.run(parser.parse_args(args.bench_args))
+    return result if isinstance(result, int) else 0
+
+
+# ---- parser and entry point -----------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="dlp-lora",
+        description="Sentence-level dynamic multi-LoRA fusion (DLP-LoRA) for Hugging Face models.")
+    parser.add_argument("--debug", action="store_true", help="show the full traceback on errors")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("train-router", help="train the mini-MLP router on (text, task) pairs",
+                       description='Train a router from a JSONL file of {"text": ..., "task": ...} lines, on '
+                                   "the token ids of the base model's tokenizer; prints held-out accuracy.")
+    p.add_argument("--data", required=True, help='JSONL, one {"text": ..., "task": ...} per line')
+    p.add_argument("--tokenizer", required=True, metavar="MODEL_DIR", help="the base model's directory")
+    p.add_argument("--out", required=True, metavar="DIR", help="where to save the router")
+    p.add_argument("--val-fraction", type=float, default=0.1, help="share held out (default 0.1)")
+    p.add_argument("--epochs", type=int, default=6)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_train_router)
+
+    p = sub.add_parser("generate", help="generate with routed (or fixed) adapter mixtures",
+                       description="Greedy generation; every prompt gets its own adapter mixture.")
+    p.add_argument("--model", required=True, metavar="MODEL_DIR", help="base model dir (with tokenizer)")
+    p.add_argument("--adapters", required=True, nargs="+", metavar="NAME=DIR", help="PEFT LoRA adapter dirs")
+    p.add_argument("--router", metavar="DIR", help="a router saved by train-router")
+    p.add_argument("--mixture", metavar="NAME=W,...", help="one fixed mixture for all prompts")
+    p.add_argument("--prompt", required=True, action="append", help="a prompt (repeat for a batch)")
+    p.add_argument("--show-routing", action="store_true", help="print the adapters chosen per sentence")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--top-p", type=float, default=0.6, help="router top-p threshold (default 0.6)")
+    p.add_argument("--max-loras", type=int, default=None, help="cap on adapters per mixture")
+    p.add_argument("--reroute", choices=("sentence", "prompt"), default="sentence",
+                   help="route again at every new sentence (default) or once per prompt")
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("inspect", help="show adapters, target modules, ranks, scaling and bank memory")
+    p.add_argument("--adapters", required=True, nargs="+", metavar="NAME=DIR")
+    p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("bench", help="end-to-end decode benchmark (dlp-lora bench --help for its options)",
+                       add_help=False)
+    p.set_defaults(func=cmd_bench)  # its options are dlp_lora.bench's own, parsed in cmd_bench
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args, rest = parser.parse_known_args(argv)
+    if args.command == "bench":
+        args.bench_args = rest
+    elif rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    try:
+        return args.func(args)
+    except Exception as e:  # user errors become one line unless --debug; bugs keep their traceback
+        if args.debug or not _is_user_error(e):
+            raise
+        print(f"dlp-lora {args.command}: error: {_one_line(e)}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+
+
+def _is_user_error(e: Exception) -> bool:
+    """Errors about the user's input: ours, and the library's validation errors (ValueError family:
+    AdapterLoadError, PatchError) or unreadable files. Anything else is a bug and keeps its traceback."""
+    return isinstance(e, (CLIError, ValueError, OSError))
+
+
+def _one_line(e: BaseException) -> str:
+    text = " ".join(str(e).split())
+    return text or type(e).__name__
+
+
+if __name__ == "__main__":
+    sys.exit(main())

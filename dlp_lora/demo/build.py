@@ -1,0 +1,184 @@
+"""Build the demo's artifacts: a char-level tokenizer, a small pretrained Llama, one PEFT LoRA per task.
+
+Every artifact is an ordinary directory a user could pass to the CLI: the model and tokenizer are saved
+with `save_pretrained`, the adapters in PEFT's format (adapter_config.json + adapter_model.safetensors).
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from .tasks import ALPHABET, StringTask
+
+PAD, BOS, EOS, UNK = "<pad>", "<s>", "</s>", "<unk>"
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """Sizes and schedules of the demo. `Recipe()` is the full demo, `Recipe.smoke()` the test-sized one."""
+
+    name: str = "demo"
+    hidden_size: int = 128
+    num_layers: int = 4
+    num_heads: int = 4
+    intermediate_size: int = 384
+    pretrain_steps: int = 1200
+    pretrain_lr: float = 3e-3
+    adapter_steps: int = 300
+    adapter_lr: float = 1e-2
+    lora_rank: int = 8
+    lora_alpha: int = 16
+    batch_size: int = 64
+    eval_per_task: int = 50
+    router_prompts_per_task: int = 300
+    tasks: tuple[str, ...] = ("reverse", "sort", "add", "caesar", "count", "double")
+    seed: int = 0
+
+    @classmethod
+    def smoke(cls) -> Recipe:
+        return cls(name="smoke", hidden_size=64, num_layers=2, num_heads=2, intermediate_size=128,
+                   pretrain_steps=150, adapter_steps=150, adapter_lr=1e-2, batch_size=32, eval_per_task=12,
+                   router_prompts_per_task=60, tasks=("count", "caesar"))
+
+
+def build_tokenizer(out_dir: str | Path | None = None):
+    """A char-level Hugging Face tokenizer (WordLevel over single characters), saved with save_pretrained.
+
+    Returns a PreTrainedTokenizerFast: pad/bos/eos/unk set, a BOS prepended by the post-processor, and
+    decoding that joins characters back without separators.
+    """
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    specials = [PAD, BOS, EOS, UNK]
+    vocab = {tok: i for i, tok in enumerate(specials + sorted(set(ALPHABET)))}
+    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK))
+    # every character is its own token, whitespace included (the tasks' prompts contain spaces)
+    core.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+    core.post_processor = processors.TemplateProcessing(
+        single=f"{BOS} $A", pair=f"{BOS} $A $B", special_tokens=[(BOS, vocab[BOS])])
+    core.decoder = decoders.Fuse()
+    tok = PreTrainedTokenizerFast(tokenizer_object=core, pad_token=PAD, bos_token=BOS, eos_token=EOS,
+                                  unk_token=UNK, padding_side="left")
+    if out_dir is not None:
+        tok.save_pretrained(str(out_dir))
+    return tok
+
+
+def load_tokenizer(directory: str | Path):
+    """The demo tokenizer saved by build_tokenizer, left-padding for batched generation."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(directory))
+    tokenizer.padding_side = "left"
+    return tokenizer
+
+
+def build_base_model(tokenizer, recipe: Recipe):
+    """A randomly initialised LlamaForCausalLM sized by `recipe`, tied embeddings, fp32."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(recipe.seed)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=recipe.hidden_size, intermediate_size=recipe.intermediate_size,
+        num_hidden_layers=recipe.num_layers, num_attention_heads=recipe.num_heads,
+        num_key_value_heads=recipe.num_heads, max_position_embeddings=64, tie_word_embeddings=True,
+        pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id)
+    return LlamaForCausalLM(config)
+
+
+def encode_examples(tokenizer, pairs: list[tuple[str, str]]) -> dict[str, torch.Tensor]:
+    """Right-padded training batch: BOS prompt answer EOS, loss on the answer and EOS only.
+
+    Returns input_ids / attention_mask / labels, each [B, L] int64 (labels -100 where no loss).
+    """
+    rows, targets = [], []
+    for prompt, answer in pairs:
+        p = tokenizer(prompt)["input_ids"]
+        a = tokenizer(answer, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        rows.append(p + a)
+        targets.append([-100] * len(p) + a)
+    width = max(map(len, rows))
+    ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
+    labels = torch.full((len(rows), width), -100, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, (r, t) in enumerate(zip(rows, targets, strict=True)):
+        ids[i, : len(r)] = torch.tensor(r)
+        labels[i, : len(t)] = torch.tensor(t)
+        mask[i, : len(r)] = 1
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def train_causal_lm(model, tokenizer, examples: Iterator[tuple[str, str]], *, steps: int, lr: float,
+                    batch_size: int, desc: str) -> float:
+    """AdamW on the trainable parameters with linear warm-up and cosine decay; returns the last loss."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0, betas=(0.9, 0.98))
+    warmup = max(1, steps // 20)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * s / steps))))
+    model.train()
+    loss_avg = float("nan")
+    bar = tqdm(range(steps), desc=desc, unit="step", leave=False, dynamic_ncols=True)
+    for _ in bar:
+        batch = encode_examples(tokenizer, [next(examples) for _ in range(batch_size)])
+        loss = model(**batch).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        loss_avg = loss.item() if math.isnan(loss_avg) else 0.9 * loss_avg + 0.1 * loss.item()
+        bar.set_postfix(loss=f"{loss_avg:.3f}")
+    model.eval()
+    return loss_avg
+
+
+def lora_config(recipe: Recipe):
+    from peft import LoraConfig
+
+    return LoraConfig(r=recipe.lora_rank, lora_alpha=recipe.lora_alpha, lora_dropout=0.0,
+                      target_modules=list(LORA_TARGETS), task_type="CAUSAL_LM")
+
+
+def train_adapter(base_dir: str | Path, tokenizer, task: StringTask, examples, recipe: Recipe,
+                  out_dir: str | Path) -> float:
+    """Train one rank-r LoRA on all seven projections of the base for `task`; save it in PEFT format."""
+    from peft import get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(recipe.seed + 1 + sum(map(ord, task.name)))
+    base = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32)
+    model = get_peft_model(base, lora_config(recipe))
+    loss = train_causal_lm(model, tokenizer, examples, steps=recipe.adapter_steps, lr=recipe.adapter_lr,
+                           batch_size=recipe.batch_size, desc=f"adapter {task.name}")
+    model.save_pretrained(str(out_dir))
+    return loss
+
+
+@torch.no_grad()
+def greedy_answers(model, tokenizer, prompts: list[str], *, max_new_tokens: int, batch_size: int = 64,
+                   **generate_kwargs) -> list[str]:
+    """Greedy `generate` on left-padded batches; returns the decoded continuations, cut at EOS."""
+    out: list[str] = []
+    for i in range(0, len(prompts), batch_size):
+        enc = tokenizer(prompts[i: i + batch_size], return_tensors="pt", padding=True)
+        gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
+                             pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+                             **generate_kwargs)
+        out += tokenizer.batch_decode(gen[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+    return out
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)

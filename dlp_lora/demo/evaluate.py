@@ -1,0 +1,171 @@
+"""The composite-K evaluation: base vs oracle single LoRA vs DLP-LoRA on a shuffled mix of all tasks.
+
+Every batch of the shuffled composite is generated greedily three times on the same model:
+  base      the unpatched model (no adapter)
+  oracle    patched, `use_mixture` with each prompt's own task adapter at weight 1 (chosen by hand)
+  dlp       patched with the router: top-p over its softmax, kept probabilities renormalised, fused
+Exact match of the continuation (cut at EOS) against the answer is the score. The three runs of a
+batch follow each other, so drifts in machine load hit all three alike; decode time per token is
+measured inside generate() (first to last decode step), so prefill is not part of it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import random
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+METHODS = ("base", "oracle", "dlp")
+METHOD_TITLES = {"base": "base", "oracle": "oracle LoRA", "dlp": "DLP-LoRA"}
+
+
+class DecodeClock:
+    """A LogitsProcessor that timestamps every generation step and changes nothing."""
+
+    def __init__(self):
+        self.stamps: list[float] = []
+
+    def __call__(self, input_ids, scores):
+        self.stamps.append(time.perf_counter())
+        return scores
+
+    def decode_seconds(self) -> tuple[float, int]:
+        """(seconds, steps) between the first and the last decode step."""
+        return (self.stamps[-1] - self.stamps[0], len(self.stamps) - 1) if len(self.stamps) > 1 else (0.0, 0)
+
+
+@dataclass
+class CompositeResult:
+    """Per-task exact match of each method, router accuracy, and decode time per token."""
+
+    tasks: list[str]
+    counts: dict[str, int]
+    accuracy: dict[str, dict[str, float]]  # method -> task -> exact match in [0, 1]
+    router_accuracy: dict[str, float]  # task -> top-1 router prediction is the task's adapter
+    decode_ms_per_token: dict[str, float]  # method -> ms per decode step (one token per sequence)
+    examples: list[dict] = field(default_factory=list)  # a few prompts with every method's answer
+
+    def average(self, per_task: dict[str, float]) -> float:
+        return sum(per_task[t] for t in self.tasks) / len(self.tasks)
+
+    def decode_ratio(self, method: str) -> float:
+        return self.decode_ms_per_token[method] / self.decode_ms_per_token["base"]
+
+    def table_rows(self) -> list[dict]:
+        """One row per task then an "average" row: exact match in %, router accuracy in %, time ratios."""
+        rows = []
+        for task in self.tasks + ["average"]:
+            pick = (lambda d: self.average(d)) if task == "average" else (lambda d, t=task: d[t])
+            row = {"task": task, "n": sum(self.counts.values()) if task == "average" else self.counts[task]}
+            row.update({m: 100 * pick(self.accuracy[m]) for m in METHODS})
+            row["router"] = 100 * pick(self.router_accuracy)
+            rows.append(row)
+        return rows
+
+    def to_json(self) -> dict:
+        return {
+            "tasks": self.tasks,
+            "rows": self.table_rows(),
+            "decode_ms_per_token": self.decode_ms_per_token,
+            "decode_ratio_to_base": {m: self.decode_ratio(m) for m in METHODS},
+            "examples": self.examples,
+        }
+
+
+def exact_match(answers: list[str], targets: list[str]) -> list[bool]:
+    return [a.strip() == t for a, t in zip(answers, targets, strict=True)]
+
+
+@torch.no_grad()
+def _generate(model, tokenizer, prompts: list[str], max_new_tokens: int) -> tuple[list[str], float, int]:
+    """Greedy continuations (cut at EOS) and the decode (seconds, steps) of this call."""
+    enc = tokenizer(prompts, return_tensors="pt", padding=True)
+    clock = DecodeClock()
+    out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, logits_processor=[clock],
+                         pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+    texts = tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+    return texts, *clock.decode_seconds()
+
+
+def shuffled_composite(rows: list[tuple[str, str, str]], seed: int) -> list[tuple[str, str, str]]:
+    rows = list(rows)
+    random.Random(seed).shuffle(rows)
+    return rows
+
+
+def evaluate_composite(model, tokenizer, bank, router, rows: list[tuple[str, str, str]], *,
+                       top_p: float = 0.6, batch_size: int = 32, progress: bool = True) -> CompositeResult:
+    """Run base, oracle and DLP-LoRA over `rows` = shuffled (task, prompt, answer); see the module doc.
+
+    model: an unpatched causal LM (it is patched and unpatched per batch, and left unpatched).
+    bank: LoRABank whose names are the tasks; router: a Router over the same names.
+    """
+    from tqdm.auto import tqdm
+
+    from ..patch import use_mixture
+
+    tasks = sorted({t for t, _, _ in rows}, key=[t for t, _, _ in rows].index)
+    max_new = max(len(tokenizer(a, add_special_tokens=False)["input_ids"]) for _, _, a in rows) + 1
+    correct = {m: {t: 0 for t in tasks} for m in METHODS}
+    counts = {t: 0 for t in tasks}
+    seconds = dict.fromkeys(METHODS, 0.0)
+    steps = dict.fromkeys(METHODS, 0)
+    examples = []
+
+    # one untimed warm-up of every path (first-call allocations, lazy imports)
+    warm = [p for _, p, _ in rows[:2]]
+    _generate(model, tokenizer, warm, 2)
+    with _patched(model, bank, router, top_p):
+        _generate(model, tokenizer, warm, 2)
+
+    batches = [rows[i: i + batch_size] for i in range(0, len(rows), batch_size)]
+    for batch in tqdm(batches, desc="composite eval", unit="batch", disable=not progress, leave=False):
+        names, prompts, targets = zip(*batch, strict=True)
+        answers = {}
+        answers["base"], s, n = _generate(model, tokenizer, list(prompts), max_new)
+        seconds["base"] += s
+        steps["base"] += n
+        with _patched(model, bank, router, top_p):
+            with use_mixture(model, [{name: 1.0} for name in names]):
+                answers["oracle"], s, n = _generate(model, tokenizer, list(prompts), max_new)
+            seconds["oracle"] += s
+            steps["oracle"] += n
+            answers["dlp"], s, n = _generate(model, tokenizer, list(prompts), max_new)
+            seconds["dlp"] += s
+            steps["dlp"] += n
+        for name in names:
+            counts[name] += 1
+        for m in METHODS:
+            for name, ok in zip(names, exact_match(answers[m], list(targets)), strict=True):
+                correct[m][name] += ok
+        if len(examples) < 2 * len(tasks):
+            examples += [{"task": names[i], "prompt": prompts[i], "answer": targets[i],
+                          **{m: answers[m][i] for m in METHODS}} for i in range(min(2, len(batch)))]
+
+    predicted = router.predict([p for _, p, _ in rows])
+    router_hits = {t: 0 for t in tasks}
+    for (name, _, _), guess in zip(rows, predicted, strict=True):
+        router_hits[name] += guess == name
+    return CompositeResult(
+        tasks=tasks,
+        counts=counts,
+        accuracy={m: {t: correct[m][t] / counts[t] for t in tasks} for m in METHODS},
+        router_accuracy={t: router_hits[t] / counts[t] for t in tasks},
+        decode_ms_per_token={m: 1000 * seconds[m] / max(1, steps[m]) for m in METHODS},
+        examples=examples,
+    )
+
+
+@contextlib.contextmanager
+def _patched(model, bank, router, top_p: float):
+    from ..patch import patch_model, unpatch_model
+
+    # reroute="prompt": each composite prompt is one sentence, routed once at prefill
+    patch_model(model, bank, router, top_p=top_p, reroute="prompt")
+    try:
+        yield model
+    finally:
+        unpatch_model(model)

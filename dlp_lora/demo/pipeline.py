@@ -1,0 +1,228 @@
+"""The demo end to end: build (or reuse) the artifacts, run the composite evaluation, report it.
+
+Artifacts live in a cache directory keyed by the recipe, so a second run only evaluates:
+
+    <cache>/<recipe key>/model/              tokenizer + pretrained LlamaForCausalLM (save_pretrained)
+    <cache>/<recipe key>/adapters/<task>/    one PEFT LoRA per task (save_pretrained)
+    <cache>/<recipe key>/router/             the trained router (Router.save)
+
+Each one is written to a temporary sibling and renamed when complete, so an interrupted run never
+leaves a half-written artifact that a later run would trust.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import platform
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from . import build, tasks
+from .evaluate import METHOD_TITLES, METHODS, CompositeResult, evaluate_composite, shuffled_composite
+
+DEMO_DIR_ENV = "DLP_LORA_DEMO_DIR"
+DEFAULT_CACHE = Path(".cache") / "dlp_demo"
+# Bump when task definitions or training code change in a way the recipe fields do not capture.
+RECIPE_VERSION = 1
+EVAL_SEED = 1000  # the held-out composite's seed; training streams exclude its prompts
+
+
+@dataclass
+class DemoArtifacts:
+    root: Path
+    model_dir: Path
+    adapters: dict[str, Path]
+    router_dir: Path
+    seconds: dict[str, float | None] = field(default_factory=dict)  # build step -> seconds (None = cached)
+
+
+def recipe_key(recipe: build.Recipe) -> str:
+    blob = json.dumps({"version": RECIPE_VERSION, **dataclasses.asdict(recipe)}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+def cache_dir(explicit: str | Path | None = None) -> Path:
+    return Path(explicit or os.environ.get(DEMO_DIR_ENV) or DEFAULT_CACHE)
+
+
+def eval_rows(recipe: build.Recipe) -> list[tuple[str, str, str]]:
+    """The held-out composite: eval_per_task distinct (task, prompt, answer) per task, shuffled."""
+    chosen = [tasks.TASKS[name] for name in recipe.tasks]
+    return shuffled_composite(tasks.held_out_set(chosen, recipe.eval_per_task, EVAL_SEED), EVAL_SEED)
+
+
+def _build_once(path: Path, make: Callable[[Path], None], seconds: dict, label: str,
+                readable: Callable[[Path], object] | None = None, log: Callable[[str], None] = print) -> None:
+    """Run `make(tmp)` unless `path` exists (and `readable(path)` does not raise ValueError);
+    `tmp` becomes `path` only when make returns."""
+    if path.is_dir():
+        try:
+            if readable is not None:
+                readable(path)
+            seconds[label] = None
+            return
+        except ValueError as e:  # e.g. a router saved by an older, incompatible dlp-lora
+            log(f"cached {label} is unusable ({e}); rebuilding it")
+            shutil.rmtree(path)
+    tmp = path.with_name(path.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    start = time.perf_counter()
+    make(tmp)
+    os.replace(tmp, path)
+    seconds[label] = time.perf_counter() - start
+
+
+def prepare(recipe: build.Recipe, root: str | Path | None = None, *, log: Callable[[str], None] = print
+            ) -> DemoArtifacts:
+    """Build whatever is missing of tokenizer+base model, adapters and router; return their paths."""
+    root = cache_dir(root) / f"{recipe.name}-{recipe_key(recipe)}"
+    adapters = {t: root / "adapters" / t for t in recipe.tasks}
+    art = DemoArtifacts(root, root / "model", adapters, root / "router")
+    held_out = {prompt for _, prompt, _ in eval_rows(recipe)}
+
+    def make_base(out: Path) -> None:
+        log(f"[1/3] pretraining a char-level Llama on string primitives ({', '.join(tasks.PRIMITIVES)})")
+        tokenizer = build.build_tokenizer(out)
+        model = build.build_base_model(tokenizer, recipe)
+        n = sum(p.numel() for p in model.parameters())
+        log(f"      {n / 1e6:.2f}M parameters, {recipe.pretrain_steps} steps of {recipe.batch_size}")
+        primitives = tasks.stream(list(tasks.PRIMITIVES.values()), recipe.seed)
+        build.train_causal_lm(model, tokenizer, primitives, steps=recipe.pretrain_steps,
+                              lr=recipe.pretrain_lr, batch_size=recipe.batch_size, desc="pretrain base")
+        model.save_pretrained(str(out))
+
+    _build_once(art.model_dir, make_base, art.seconds, "base model")
+    tokenizer = build.load_tokenizer(art.model_dir)
+
+    for i, name in enumerate(recipe.tasks):
+        task = tasks.TASKS[name]
+
+        def make_adapter(out: Path, task=task, i=i) -> None:
+            if i == 0:
+                log(f"[2/3] training one rank-{recipe.lora_rank} LoRA per task on all seven projections "
+                    f"({recipe.adapter_steps} steps each)")
+            stream = tasks.stream([task], recipe.seed + 7 + i, exclude=held_out)
+            build.train_adapter(art.model_dir, tokenizer, task, stream, recipe, out)
+
+        _build_once(art.adapters[name], make_adapter, art.seconds, f"adapter {name}")
+
+    def make_router(out: Path) -> None:
+        log("[3/3] training the router on the tasks' prompts")
+        texts, labels = [], []
+        for i, name in enumerate(recipe.tasks):
+            stream = tasks.stream([tasks.TASKS[name]], recipe.seed + 100 + i, exclude=held_out)
+            texts += [next(stream)[0] for _ in range(recipe.router_prompts_per_task)]
+            labels += [name] * recipe.router_prompts_per_task
+        Router.train(texts, labels, tokenizer, val_fraction=0.1, seed=recipe.seed, verbose=True).save(out)
+
+    from ..router import Router
+
+    _build_once(art.router_dir, make_router, art.seconds, "router", readable=Router.load, log=log)
+    return art
+
+
+def run(recipe: build.Recipe, *, cache: str | Path | None = None, out: str | Path = "demo_out",
+        top_p: float = 0.6, log: Callable[[str], None] = print) -> tuple[CompositeResult, Path]:
+    """Prepare the artifacts, evaluate the shuffled composite, print the table, write JSON + PNG."""
+    from transformers import AutoModelForCausalLM
+
+    from ..bank import LoRABank
+    from ..router import Router
+
+    start = time.perf_counter()
+    art = prepare(recipe, cache, log=log)
+    setup_seconds = time.perf_counter() - start
+    cached = all(v is None for v in art.seconds.values())
+    log(f"artifacts in {art.root} ({'all cached' if cached else f'built in {setup_seconds:.0f} s'})")
+
+    tokenizer = build.load_tokenizer(art.model_dir)
+    model = AutoModelForCausalLM.from_pretrained(str(art.model_dir), dtype=torch.float32).eval()
+    bank = LoRABank.from_peft(art.adapters)
+    router = Router.load(art.router_dir)
+    rows = eval_rows(recipe)
+    eval_start = time.perf_counter()
+    result = evaluate_composite(model, tokenizer, bank, router, rows, top_p=top_p)
+    eval_seconds = time.perf_counter() - eval_start
+
+    log("")
+    log(format_table(result, top_p))
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    payload = {
+        **result.to_json(),
+        "top_p": top_p,
+        "recipe": dataclasses.asdict(recipe),
+        "artifacts": str(art.root),
+        "seconds": {"build": art.seconds, "setup_total": setup_seconds, "evaluation": eval_seconds},
+        "machine": {"platform": platform.platform(), "processor": platform.processor(),
+                    "torch_threads": torch.get_num_threads(), "torch": torch.__version__},
+    }
+    (out / "composite.json").write_text(json.dumps(payload, indent=2) + "\n")
+    png = plot(result, out / "composite.png")
+    log(f"\nresults: {out.resolve()}/ (composite.json{', composite.png' if png else ''})")
+    return result, out
+
+
+def format_table(result: CompositeResult, top_p: float = 0.6) -> str:
+    """The composite table as plain text: exact match per task and on average, router accuracy, and
+    decode time per token of each method as a ratio to the base model (measured over the whole
+    shuffled composite, so it sits on the average row)."""
+    header = ["task", "n", *(f"{METHOD_TITLES[m]} EM%" for m in METHODS), "router acc%",
+              *(f"{METHOD_TITLES[m]} time" for m in METHODS)]
+    lines = []
+    for row in result.table_rows():
+        avg = row["task"] == "average"
+        times = [f"{result.decode_ratio(m):.2f}x" if avg else "" for m in METHODS]
+        lines.append([row["task"], str(row["n"]), *(f"{row[m]:.1f}" for m in METHODS), f"{row['router']:.1f}",
+                      *times])
+    widths = [max(len(h), *(len(r[i]) for r in lines)) for i, h in enumerate(header)]
+    def fmt(cells: list[str]) -> str:
+        return "  ".join(c.ljust(w) if i == 0 else c.rjust(w)
+                         for i, (c, w) in enumerate(zip(cells, widths, strict=True)))
+
+    rule = "-" * len(fmt(header))
+    ms = ", ".join(f"{METHOD_TITLES[m]} {result.decode_ms_per_token[m]:.2f}" for m in METHODS)
+    title = (f"Composite-{len(result.tasks)} (shuffled, {sum(result.counts.values())} prompts, greedy): "
+             f"exact match; DLP-LoRA = router + top-p {top_p} fusion")
+    body = [fmt(r) for r in lines]
+    return "\n".join([title, rule, fmt(header), rule, *body[:-1], rule, body[-1], rule,
+                      f"decode time per token (ms, ratio to base on the average row): {ms}"])
+
+
+def plot(result: CompositeResult, path: Path) -> Path | None:
+    """Bars of exact match per task and method, and of decode-time ratio per method (None: no matplotlib)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    rows = result.table_rows()
+    fig, (ax, ax_t) = plt.subplots(1, 2, figsize=(11, 4), gridspec_kw={"width_ratios": [4, 1]})
+    width = 0.8 / len(METHODS)
+    for j, m in enumerate(METHODS):
+        ax.bar([i + (j - 1) * width for i in range(len(rows))], [r[m] for r in rows], width,
+               label=METHOD_TITLES[m])
+    ax.set_xticks(range(len(rows)), [r["task"] for r in rows])
+    ax.set_ylabel("exact match (%)")
+    ax.set_ylim(0, 105)
+    ax.set_title(f"Composite-{len(result.tasks)}: shuffled prompts of every task")
+    ax.legend(loc="lower right")
+    ax_t.bar([METHOD_TITLES[m] for m in METHODS], [result.decode_ratio(m) for m in METHODS],
+             color=["C0", "C1", "C2"])
+    ax_t.set_ylabel("decode time per token / base")
+    ax_t.tick_params(axis="x", rotation=30)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

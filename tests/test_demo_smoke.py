@@ -1,0 +1,59 @@
+"""The demo's smoke run (`python -m dlp_lora.demo --smoke`): two tasks, a tiny model, a few steps.
+
+It builds every artifact (tokenizer, pretrained base, PEFT adapters, router) in a temporary cache,
+evaluates the shuffled composite and checks the table's shape and that the oracle adapter beats the
+base model. The full demo (`make demo`) is the same code with the full recipe.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from dlp_lora.demo import build, pipeline
+from dlp_lora.demo.__main__ import main
+from dlp_lora.demo.evaluate import METHODS
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+    root = tmp_path_factory.mktemp("demo")
+    quiet = lambda _: None
+    result, out = pipeline.run(build.Recipe.smoke(), cache=root / "cache", out=root / "out", log=quiet)
+    return root, result, out
+
+
+def test_table_has_one_row_per_task_plus_average(smoke):
+    _, result, _ = smoke
+    recipe = build.Recipe.smoke()
+    rows = result.table_rows()
+    assert [r["task"] for r in rows] == [*result.tasks, "average"]
+    assert sorted(result.tasks) == sorted(recipe.tasks)
+    assert all(set(r) == {"task", "n", *METHODS, "router"} for r in rows)
+    assert [r["n"] for r in rows] == [recipe.eval_per_task] * len(recipe.tasks) + [recipe.eval_per_task * 2]
+    text = pipeline.format_table(result)
+    for title in ("base EM%", "oracle LoRA EM%", "DLP-LoRA EM%", "router acc%", "DLP-LoRA time"):
+        assert title in text
+    assert all(result.decode_ms_per_token[m] > 0 for m in METHODS)
+
+
+def test_oracle_beats_base(smoke):
+    _, result, _ = smoke
+    assert result.average(result.accuracy["oracle"]) > result.average(result.accuracy["base"])
+
+
+def test_results_written_and_second_run_reuses_the_cache(smoke, capsys):
+    root, result, out = smoke
+    payload = json.loads((out / "composite.json").read_text())
+    assert payload["rows"] == result.table_rows()
+    assert (out / "composite.png").stat().st_size > 0
+    # the second run through the command line finds every artifact cached and only evaluates
+    assert main(["--smoke", "--cache-dir", str(root / "cache"), "--out", str(root / "out2")]) == 0
+    printed = capsys.readouterr().out
+    assert "all cached" in printed and "average" in printed
+    second = json.loads((root / "out2" / "composite.json").read_text())
+    assert all(v is None for v in second["seconds"]["build"].values())
+    # greedy decoding of the same artifacts: the same exact-match table
+    assert [{k: r[k] for k in ("task", *METHODS)} for r in second["rows"]] == \
+        [{k: r[k] for k in ("task", *METHODS)} for r in payload["rows"]]
