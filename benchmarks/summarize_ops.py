@@ -1,6 +1,6 @@
 """Summarize bench_ops.py's raw pytest-benchmark JSON into benchmarks/results/ops_cpu.json.
 
-    python benchmarks/summarize_ops.py benchmarks/results/ops_cpu_raw.json benchmarks/results/ops_cpu.json
+    python benchmarks/summarize_ops.py benchmarks/results/ops_cpu_raw.json benchmarks/results/ops_cpu.json [NOTE]
 
 Per shape: every implementation's median, quartiles, IQR, stddev and rounds; the roofline figures
 (FLOPs = 2*T*K*r*(d_in+d_out), bytes = b*(L*r*(d_in+d_out) + T*d_in + 2*T*d_out), L = distinct
@@ -50,14 +50,11 @@ def _machine(raw: dict) -> dict:
         "simd": sorted(f for f in flags if f.startswith(("avx512f", "avx512_bf16", "avx2", "amx"))),
         "system": f"{info.get('system')} {info.get('release')}",
     }
-    try:  # the kernel's instruction set and thread count, as seen from this process
-        import torch
-
+    try:  # the kernel's instruction set on this machine
         from dlp_lora.ops._extension import load_extension
 
         module = load_extension()
         machine["cpp_isa"] = module.cpu_isa() if module is not None else None
-        machine["torch_threads"] = torch.get_num_threads()
     except Exception as exc:  # summarizing must work without the package
         machine["cpp_isa"] = f"unknown ({exc})"
     return machine
@@ -127,6 +124,7 @@ def summarize(raw: dict) -> dict:
         "datetime": raw.get("datetime"),
         "machine": _machine(raw),
         "versions": _versions(raw),
+        "torch_threads_in_run": sorted({e["threads"] for e in results + thresholds if e.get("threads")}),
         "load_during_run": ({"loadavg_1min_min": min(loads), "loadavg_1min_max": max(loads)}
                             if loads else None),
         "roofline_formulas": {
@@ -163,11 +161,13 @@ def print_table(summary: dict) -> None:
 
 
 def main(argv: list[str]) -> int:
-    if len(argv) != 3:
+    if len(argv) not in (3, 4):
         print(__doc__.strip().splitlines()[2], file=sys.stderr)
         return 2
     raw = json.loads(Path(argv[1]).read_text())
     summary = summarize(raw)
+    if len(argv) == 4:  # how this run differs from `make bench-ops`, e.g. OMP_NUM_THREADS=1
+        summary = {"note": argv[3], **summary}
     out = Path(argv[2])
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(summary, indent=1) + "\n")
