@@ -1,6 +1,7 @@
 """Summarize bench_ops.py's raw pytest-benchmark JSON into benchmarks/results/ops_cpu.json.
 
-    python benchmarks/summarize_ops.py benchmarks/results/ops_cpu_raw.json benchmarks/results/ops_cpu.json [NOTE]
+    python benchmarks/summarize_ops.py RAW_JSON OUT_JSON [NOTE]
+    (make bench-ops: benchmarks/results/ops_cpu_raw.json -> benchmarks/results/ops_cpu.json)
 
 Per shape: every implementation's median, quartiles, IQR, stddev and rounds; the roofline figures
 (FLOPs = 2*T*K*r*(d_in+d_out), bytes = b*(L*r*(d_in+d_out) + T*d_in + 2*T*d_out), L = distinct
@@ -162,7 +163,7 @@ def print_table(summary: dict) -> None:
 
 def main(argv: list[str]) -> int:
     if len(argv) not in (3, 4):
-        print(__doc__.strip().splitlines()[2], file=sys.stderr)
+        print(__doc__.strip().splitlines()[2].strip(), file=sys.stderr)
         return 2
     raw = json.loads(Path(argv[1]).read_text())
     summary = summarize(raw)
