@@ -462,8 +462,8 @@ def evaluate_goals(rows: list[dict]) -> list[dict]:
         if row:
             ratio = row["ratio_to_base"]["median"]
             goals.append({"goal": text, "measured": round(ratio, 4), "limit": limit, "met": ratio <= limit})
-    for (_, batch), row in by_key.items():
-        if row["family"] != "dlp":
+    for (name, batch), row in by_key.items():
+        if not name.startswith("dlp_N"):  # the router variant is the same path plus one router call
             continue
         rivals = [r for r in rows if r["family"] == "meteora" and r["batch"] == batch
                   and r["n_adapters"] == row["n_adapters"]]
@@ -529,7 +529,8 @@ def plot_scaling(result: dict, path: Path) -> Path:
     ax.set_xlabel("adapters in the bank (N)")
     ax.set_ylabel("decode time / base model (median, IQR)")
     m, cfg = result["config"]["model"], result["config"]
-    where = result["machine"].get("gpu", result["machine"]["cpu"])
+    machine = result["machine"]
+    where = machine.get("gpu") or f"{machine['cpu']}, {machine.get('torch_threads')} thread(s)"
     ax.set_title(f"Llama h={m['hidden_size']} L={m['num_hidden_layers']} {cfg['dtype']}, batch 1, "
                  f"r={cfg['rank']}, {where}", fontsize=8)
     ax.legend(fontsize=8)
