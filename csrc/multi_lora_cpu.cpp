@@ -50,6 +50,9 @@ int64_t default_gemm_min_rows(at::ScalarType dtype) {
 // fork/join is a few us on an idle machine, and a whole scheduler tick when a worker thread has been
 // descheduled (a busy machine). One decode token of a 4096-wide Linear (K*r = 48) stays on one core.
 constexpr int64_t kMinParallelMacs = 1 << 18;
+// The same for the gather copies of the GEMM path, in elements: they are bandwidth bound and each
+// core streams its own share, so they pay off sooner.
+constexpr int64_t kMinParallelCopy = 1 << 16;
 
 template <typename T>
 struct Args {
@@ -103,7 +106,7 @@ void fused_segments(const Args<T>& p, const std::vector<int64_t>& segs) {
   std::unique_ptr<float[]> x32;
   if constexpr (!std::is_same_v<T, float>) {
     x32.reset(new float[n_tok * d_in]);
-    at::parallel_for(0, n_tok, n_tok * d_in < kMinParallelMacs ? n_tok : 1, [&](int64_t lo, int64_t hi) {
+    at::parallel_for(0, n_tok, n_tok * d_in < kMinParallelCopy ? n_tok : 1, [&](int64_t lo, int64_t hi) {
       for (int64_t f = lo; f < hi; ++f) kern.widen(p.x + tok_row[f] * d_in, x32.get() + f * d_in, d_in);
     });
   }
@@ -194,7 +197,7 @@ void gemm_segment(const Args<T>& p, const at::Tensor& y, const at::Tensor& x, co
   // dtype for fp16/bf16), so the second GEMM needs no scaling and y is updated once.
   const at::Tensor a_cat = at::empty({kr, d_in}, x.options());
   T* a_dst = reinterpret_cast<T*>(a_cat.data_ptr());
-  at::parallel_for(0, kr, kr * d_in < kMinParallelMacs ? kr : 1, [&](int64_t lo, int64_t hi) {
+  at::parallel_for(0, kr, kr * d_in < kMinParallelCopy ? kr : 1, [&](int64_t lo, int64_t hi) {
     for (int64_t q = lo; q < hi; ++q) {
       const int64_t k = q / r, j = q % r;
       kern.scale(p.a + (act_ids[k] * r + j) * d_in, a_dst + q * d_in, d_in, act_w[k]);
@@ -207,7 +210,7 @@ void gemm_segment(const Args<T>& p, const at::Tensor& y, const at::Tensor& x, co
   } else {
     b_cat = at::empty({d_out, kr}, x.options());
     T* b_dst = reinterpret_cast<T*>(b_cat.data_ptr());
-    at::parallel_for(0, d_out, d_out * kr < kMinParallelMacs ? d_out : 1, [&](int64_t lo, int64_t hi) {
+    at::parallel_for(0, d_out, d_out * kr < kMinParallelCopy ? d_out : 1, [&](int64_t lo, int64_t hi) {
       for (int64_t o = lo; o < hi; ++o) {
         for (int64_t k = 0; k < ka; ++k) {
           std::memcpy(b_dst + o * kr + k * r, p.b + (act_ids[k] * d_out + o) * r, r * sizeof(T));
