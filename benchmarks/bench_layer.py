@@ -3,7 +3,8 @@
     pytest benchmarks/bench_layer.py --benchmark-enable --benchmark-only \
         --benchmark-json=benchmarks/results/layer_cpu_raw.json
 
-(Without --benchmark-enable, pytest runs every case once as a smoke test.)
+(Without --benchmark-enable, pytest runs every case once as a smoke test. On a shared machine,
+OMP_NUM_THREADS=1 gives steadier numbers; the thread count is recorded with every case.)
 
 Every case times y = layer(x) for x [T, d_in] and one Linear(d_in, d_out) of the CPU end-to-end
 model (up_proj 1024 -> 2816) or a 4096 x 4096 projection, N adapters of rank 8:
@@ -120,7 +121,7 @@ def test_layer(benchmark, shape, phase, n_adapters, variant):
     benchmark.group = f"{shape} {phase}"
     benchmark.extra_info.update(d_in=d_in, d_out=d_out, tokens=tokens, sequences=sequences,
                                 n_adapters=n_adapters, rank=RANK, variant=variant,
-                                backend=ops.resolve_backend(x.device))
+                                backend=ops.resolve_backend(x.device), threads=torch.get_num_threads())
     with torch.inference_mode():
         if not benchmark.disabled:
             layer(x)  # warm-up: the first call of a shape pays one-off allocator / GEMM setup costs

@@ -132,17 +132,23 @@ def render_layer(path: Path) -> str:
     benches = raw.get("benchmarks", [])
     base_median = {b["group"]: b["stats"]["median"] for b in benches
                    if b["extra_info"].get("variant") == "base"}
+    def n_adapters(b):  # base and PEFT do not depend on the bank size: measured once, shown as "-"
+        variant = b["extra_info"].get("variant", "")
+        return None if variant == "base" or variant.startswith("peft") else b["extra_info"].get("n_adapters")
+
     rows = []
-    order = lambda b: (b["group"], b["extra_info"].get("n_adapters", 0), b["stats"]["median"])
+    order = lambda b: (b["group"], n_adapters(b) or 0, b["stats"]["median"])
     for b in sorted(benches, key=order):
         info, stats = b["extra_info"], b["stats"]
         ref = base_median.get(b["group"])
-        rows.append([b["group"], info.get("variant"), info.get("n_adapters"),
+        rows.append([b["group"], info.get("variant"), n_adapters(b),
                      f"{stats['median'] * 1e6:.1f} [{stats['iqr'] * 1e6:.1f}]",
                      f"{stats['median'] / ref:.2f}" if ref else "-"])
     machine = raw.get("machine_info", {})
+    threads = {b["extra_info"].get("threads") for b in benches} - {None}
     head = (f"**One adapted Linear** (benchmarks/bench_layer.py): median µs [IQR], r=8; "
             f"_{machine.get('cpu', {}).get('brand_raw', machine.get('processor', ''))}, "
+            f"{'/'.join(map(str, sorted(threads))) or '?'} torch thread(s), "
             f"from `{_rel(path)}` ({raw.get('datetime', '')[:19]})._")
     return "\n".join([head, "", md_table(["case", "variant", "N", "µs", "x base"], rows)])
 
