@@ -1,8 +1,14 @@
 """End-to-end decode benchmark: DLP-LoRA against the base model, PEFT and MeteoRA-style gating.
 
-    dlp-lora bench --out benchmarks/results/e2e_cpu.json            # short preset (~3 min, 2 cores)
+    dlp-lora bench --out benchmarks/results/e2e_cpu.json            # short preset (~3 min, 2 idle cores)
     dlp-lora bench --full --out benchmarks/results/e2e_cpu.json     # issue 4's complete configuration
     python -m dlp_lora.bench --help
+
+The short preset keeps the model, prompt and batch sizes but runs only N=26, MeteoRA's strongest
+form (op), 16 new tokens and 2 rounds, without the scaling sweep. ``--full``: N in {1, 26, 100},
+all three MeteoRA forms, 64 new tokens, 5 rounds, plus the sweep (~25 min at 1 thread).
+On a machine shared with other work, use ``--threads 1``: two OpenMP threads whose barriers wait
+on descheduled threads made decode ~15x slower here, and the ratios meaningless.
 
 What one run does (every number it reports comes from this run):
 
@@ -22,7 +28,8 @@ What one run does (every number it reports comes from this run):
 * times every generation step with a LogitsProcessor clock: decode time per token = the median
   interval between steps (the mean is reported too), so prefill is reported apart;
 * reports medians and interquartile ranges, and ratios to ``base`` and to ``peft_single`` as the
-  median over rounds of the paired ratio (same round, so load drift cancels);
+  median over rounds of the paired ratio (same round, so load drift cancels); the goals of
+  issue 4 are checked on those ratios (the MeteoRA one on the ratio of median decode times);
 * optional scaling sweep (``--full`` or ``--scaling``): N in {1,10,26,50,100} x K in {1..4}
   adapters per sequence through ``use_mixture`` at batch 1, plus MeteoRA (op form) per N,
   plotted as time ratio to base against N (PNG).
@@ -49,6 +56,7 @@ import shutil
 import statistics
 import tempfile
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -618,6 +626,12 @@ def run(args: argparse.Namespace) -> dict:
         torch.set_num_threads(args.threads)
     dtype = getattr(torch, settings.dtype)
     load_start = load_average()
+    if settings.device == "cpu" and load_start and load_start[0] > 0.5 and torch.get_num_threads() > 1:
+        # Measured here: at load ~3 on 2 cores, 2 OpenMP threads made decode ~15x slower than 1
+        # thread (each barrier waits for a descheduled thread). Ratios then mean little.
+        warnings.warn(f"dlp-lora bench: load average is {load_start[0]} on a {os.cpu_count()}-core machine "
+                      f"and torch uses {torch.get_num_threads()} threads: timings will be noisy and slow; "
+                      "prefer an idle machine, or --threads 1", RuntimeWarning, stacklevel=2)
     base = build_base_model(settings.model, device=settings.device, dtype=dtype, seed=settings.seed)
     counts = set(settings.adapter_counts)
     if settings.scaling:
