@@ -15,7 +15,7 @@ EXT_STAMP   := $(VENV)/.dlp-ext-built
 CSRC        := $(wildcard csrc/*.cpp csrc/*.h csrc/*.cu csrc/*.cuh) setup.py
 PYTEST      := $(PY) -m pytest
 
-.PHONY: all venv build test test-fast demo bench bench-ops bench-e2e check-cuda lint readme-tables clean
+.PHONY: all venv build test test-fast demo bench bench-ops bench-layer bench-e2e check-cuda lint readme-tables clean
 
 all: build
 
@@ -46,15 +46,20 @@ test-fast: build
 demo: build
 	$(PY) -m dlp_lora.demo
 
-bench: bench-ops bench-e2e readme-tables
+bench: bench-ops bench-layer bench-e2e readme-tables
 
 bench-ops: build
 	$(PYTEST) benchmarks/bench_ops.py --benchmark-enable --benchmark-only \
 		--benchmark-json=benchmarks/results/ops_cpu_raw.json -q
 	$(PY) benchmarks/summarize_ops.py benchmarks/results/ops_cpu_raw.json benchmarks/results/ops_cpu.json
 
+bench-layer: build
+	$(PYTEST) benchmarks/bench_layer.py --benchmark-enable --benchmark-only \
+		--benchmark-json=benchmarks/results/layer_cpu_raw.json -q
+
+# One torch thread: on a shared 2-core machine, OpenMP barriers wait on descheduled threads.
 bench-e2e: build
-	$(PY) -m dlp_lora.cli bench --out benchmarks/results/e2e_cpu.json
+	$(PY) -m dlp_lora.cli bench --full --threads 1 --out benchmarks/results/e2e_cpu.json
 
 readme-tables: build
 	$(PY) benchmarks/make_readme_tables.py
