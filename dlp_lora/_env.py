@@ -8,11 +8,13 @@ Build time (setup.py):
 Run time:
   DLP_LORA_BACKEND        force a backend for every call: reference | cpp | triton | cuda
   TRITON_INTERPRET=1      run Triton kernels on CPU tensors (tests); must be set before import
+  DLP_LORA_DEMO_DIR       artifact cache of `python -m dlp_lora.demo` (default: .cache/dlp_demo)
 """
 
 import os
 
 BACKEND_ENV = "DLP_LORA_BACKEND"
+DEMO_DIR_ENV = "DLP_LORA_DEMO_DIR"
 
 
 def forced_backend() -> str | None:

@@ -166,6 +166,8 @@ def cmd_generate(args) -> int:
     from .router import Router
 
     model_dir = existing_dir(args.model, "--model")
+    if not (model_dir / "config.json").is_file():
+        raise CLIError(f"--model: {model_dir} has no config.json (not a Hugging Face model directory)")
     adapters = parse_adapters(args.adapters)
     router_dir = existing_dir(args.router, "--router") if args.router else None
     if router_dir is None and args.mixture is None:

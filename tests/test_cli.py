@@ -162,6 +162,19 @@ def test_train_router_missing_tokenizer_dir_writes_nothing(art, capsys):
     assert not out.exists()
 
 
+def test_directories_of_the_wrong_kind(art, capsys):
+    adapter_dir = str(art["adapters"]["reverse"])  # exists, but is neither a model nor a tokenizer
+    code = main(["generate", "--model", adapter_dir, "--adapters", *_adapter_args(art["adapters"]),
+                 "--mixture", "reverse=1", "--prompt", "reverse ab="])
+    _assert_one_line_error(capsys, code, "has no config.json")
+    out = art["root"] / "never_router4"
+    code = main(["train-router", "--data", str(art["data"]), "--tokenizer", adapter_dir, "--out", str(out)])
+    _assert_one_line_error(capsys, code, "no Hugging Face tokenizer could be loaded")
+    assert not out.exists()
+    code = main(["inspect", "--adapters", f"reverse={art['model']}"])
+    _assert_one_line_error(capsys, code, "adapter_config.json")
+
+
 def test_train_router_malformed_jsonl_names_the_line(art, capsys):
     bad = art["root"] / "bad.jsonl"
     good = art["data"].read_text().splitlines()

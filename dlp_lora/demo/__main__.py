@@ -9,9 +9,19 @@ later runs reuse the cache ($DLP_LORA_DEMO_DIR, default .cache/dlp_demo) and onl
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 import time
+
+
+def default_threads() -> int:
+    """min(2, CPUs), but 1 when the load average already fills every CPU: the tiny matrices here gain
+    little from a second thread, and OpenMP threads that spin on a busy machine can make a training
+    step several times slower than one thread."""
+    cpus = os.cpu_count() or 1
+    busy = hasattr(os, "getloadavg") and os.getloadavg()[0] >= cpus
+    return 1 if busy else min(2, cpus)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -20,9 +30,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cache-dir", default=None,
                         help="artifact cache (default: $DLP_LORA_DEMO_DIR or .cache/dlp_demo)")
     parser.add_argument("--out", default=None, help="results folder (default: demo_out, or demo_out/smoke)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of every initialisation and data stream")
     parser.add_argument("--top-p", type=float, default=0.6, help="DLP-LoRA's top-p threshold (default 0.6)")
     parser.add_argument("--threads", type=int, default=None,
-                        help="torch CPU threads (default: min(2, CPUs), the machine the timings are for)")
+                        help="torch CPU threads (default: min(2, CPUs); 1 when the machine is already busy)")
     args = parser.parse_args(argv)
 
     import torch
@@ -30,8 +41,10 @@ def main(argv: list[str] | None = None) -> int:
     from .build import Recipe
     from .pipeline import run
 
-    torch.set_num_threads(args.threads or min(2, os.cpu_count() or 1))
-    recipe = Recipe.smoke() if args.smoke else Recipe()
+    threads = args.threads or default_threads()
+    torch.set_num_threads(threads)
+    print(f"torch CPU threads: {threads}")
+    recipe = dataclasses.replace(Recipe.smoke() if args.smoke else Recipe(), seed=args.seed)
     out = args.out or ("demo_out/smoke" if args.smoke else "demo_out")
     start = time.perf_counter()
     run(recipe, cache=args.cache_dir, out=out, top_p=args.top_p)

@@ -17,13 +17,14 @@ import time
 from dataclasses import dataclass, field
 
 import torch
+from transformers import LogitsProcessor
 
 METHODS = ("base", "oracle", "dlp")
 METHOD_TITLES = {"base": "base", "oracle": "oracle LoRA", "dlp": "DLP-LoRA"}
 
 
-class DecodeClock:
-    """A LogitsProcessor that timestamps every generation step and changes nothing."""
+class DecodeClock(LogitsProcessor):
+    """Timestamps every generation step (one call per step) and leaves the scores unchanged."""
 
     def __init__(self):
         self.stamps: list[float] = []
@@ -46,6 +47,7 @@ class CompositeResult:
     accuracy: dict[str, dict[str, float]]  # method -> task -> exact match in [0, 1]
     router_accuracy: dict[str, float]  # task -> top-1 router prediction is the task's adapter
     decode_ms_per_token: dict[str, float]  # method -> ms per decode step (one token per sequence)
+    dlp_adapters_per_prompt: float  # mean number of adapters the router's top-p kept
     examples: list[dict] = field(default_factory=list)  # a few prompts with every method's answer
 
     def average(self, per_task: dict[str, float]) -> float:
@@ -71,6 +73,7 @@ class CompositeResult:
             "rows": self.table_rows(),
             "decode_ms_per_token": self.decode_ms_per_token,
             "decode_ratio_to_base": {m: self.decode_ratio(m) for m in METHODS},
+            "dlp_adapters_per_prompt": self.dlp_adapters_per_prompt,
             "examples": self.examples,
         }
 
@@ -107,7 +110,7 @@ def evaluate_composite(model, tokenizer, bank, router, rows: list[tuple[str, str
 
     from ..patch import use_mixture
 
-    tasks = sorted({t for t, _, _ in rows}, key=[t for t, _, _ in rows].index)
+    tasks = [name for name in bank.names if any(t == name for t, _, _ in rows)]
     max_new = max(len(tokenizer(a, add_special_tokens=False)["input_ids"]) for _, _, a in rows) + 1
     correct = {m: {t: 0 for t in tasks} for m in METHODS}
     counts = {t: 0 for t in tasks}
@@ -121,21 +124,20 @@ def evaluate_composite(model, tokenizer, bank, router, rows: list[tuple[str, str
     with _patched(model, bank, router, top_p):
         _generate(model, tokenizer, warm, 2)
 
+    def run(method: str, prompts: list[str], routing=None) -> None:
+        with routing or contextlib.nullcontext():
+            answers[method], s, n = _generate(model, tokenizer, prompts, max_new)
+        seconds[method] += s
+        steps[method] += n
+
     batches = [rows[i: i + batch_size] for i in range(0, len(rows), batch_size)]
     for batch in tqdm(batches, desc="composite eval", unit="batch", disable=not progress, leave=False):
         names, prompts, targets = zip(*batch, strict=True)
-        answers = {}
-        answers["base"], s, n = _generate(model, tokenizer, list(prompts), max_new)
-        seconds["base"] += s
-        steps["base"] += n
+        answers: dict[str, list[str]] = {}
+        run("base", list(prompts))
         with _patched(model, bank, router, top_p):
-            with use_mixture(model, [{name: 1.0} for name in names]):
-                answers["oracle"], s, n = _generate(model, tokenizer, list(prompts), max_new)
-            seconds["oracle"] += s
-            steps["oracle"] += n
-            answers["dlp"], s, n = _generate(model, tokenizer, list(prompts), max_new)
-            seconds["dlp"] += s
-            steps["dlp"] += n
+            run("oracle", list(prompts), use_mixture(model, [{name: 1.0} for name in names]))
+            run("dlp", list(prompts))
         for name in names:
             counts[name] += 1
         for m in METHODS:
@@ -149,12 +151,16 @@ def evaluate_composite(model, tokenizer, bank, router, rows: list[tuple[str, str
     router_hits = {t: 0 for t in tasks}
     for (name, _, _), guess in zip(rows, predicted, strict=True):
         router_hits[name] += guess == name
+    # how many adapters DLP-LoRA fused per prompt (top-p keeps more than one when the router hesitates)
+    enc = tokenizer([p for _, p, _ in rows], return_tensors="pt", padding=True)
+    lora_ids, _ = router.route(enc["input_ids"], enc["attention_mask"], top_p=top_p)
     return CompositeResult(
         tasks=tasks,
         counts=counts,
         accuracy={m: {t: correct[m][t] / counts[t] for t in tasks} for m in METHODS},
         router_accuracy={t: router_hits[t] / counts[t] for t in tasks},
         decode_ms_per_token={m: 1000 * seconds[m] / max(1, steps[m]) for m in METHODS},
+        dlp_adapters_per_prompt=float((lora_ids >= 0).sum(dim=1).float().mean()),
         examples=examples,
     )
 

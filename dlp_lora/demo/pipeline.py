@@ -25,13 +25,11 @@ from pathlib import Path
 
 import torch
 
+from .._env import DEMO_DIR_ENV
 from . import build, tasks
 from .evaluate import METHOD_TITLES, METHODS, CompositeResult, evaluate_composite, shuffled_composite
 
-DEMO_DIR_ENV = "DLP_LORA_DEMO_DIR"
 DEFAULT_CACHE = Path(".cache") / "dlp_demo"
-# Bump when task definitions or training code change in a way the recipe fields do not capture.
-RECIPE_VERSION = 1
 EVAL_SEED = 1000  # the held-out composite's seed; training streams exclude its prompts
 
 
@@ -45,8 +43,12 @@ class DemoArtifacts:
 
 
 def recipe_key(recipe: build.Recipe) -> str:
-    blob = json.dumps({"version": RECIPE_VERSION, **dataclasses.asdict(recipe)}, sort_keys=True)
-    return hashlib.sha256(blob.encode()).hexdigest()[:12]
+    """Hash of the recipe and of the code that turns it into artifacts (task definitions, training), so
+    an edited task or schedule never reuses artifacts built by the old one."""
+    digest = hashlib.sha256(json.dumps(dataclasses.asdict(recipe), sort_keys=True).encode())
+    for module in (tasks, build):
+        digest.update(Path(module.__file__).read_bytes())
+    return digest.hexdigest()[:12]
 
 
 def cache_dir(explicit: str | Path | None = None) -> Path:
@@ -59,10 +61,10 @@ def eval_rows(recipe: build.Recipe) -> list[tuple[str, str, str]]:
     return shuffled_composite(tasks.held_out_set(chosen, recipe.eval_per_task, EVAL_SEED), EVAL_SEED)
 
 
-def _build_once(path: Path, make: Callable[[Path], None], seconds: dict, label: str,
+def _build_once(path: Path, make: Callable[[Path], str], seconds: dict, label: str,
                 readable: Callable[[Path], object] | None = None, log: Callable[[str], None] = print) -> None:
     """Run `make(tmp)` unless `path` exists (and `readable(path)` does not raise ValueError);
-    `tmp` becomes `path` only when make returns."""
+    `tmp` becomes `path` only when make returns. make returns a note for the log line."""
     if path.is_dir():
         try:
             if readable is not None:
@@ -76,9 +78,10 @@ def _build_once(path: Path, make: Callable[[Path], None], seconds: dict, label: 
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     start = time.perf_counter()
-    make(tmp)
+    note = make(tmp)
     os.replace(tmp, path)
     seconds[label] = time.perf_counter() - start
+    log(f"      {label}: {note}, {seconds[label]:.0f} s")
 
 
 def prepare(recipe: build.Recipe, root: str | Path | None = None, *, log: Callable[[str], None] = print
@@ -89,40 +92,45 @@ def prepare(recipe: build.Recipe, root: str | Path | None = None, *, log: Callab
     art = DemoArtifacts(root, root / "model", adapters, root / "router")
     held_out = {prompt for _, prompt, _ in eval_rows(recipe)}
 
-    def make_base(out: Path) -> None:
+    def make_base(out: Path) -> str:
         log(f"[1/3] pretraining a char-level Llama on string primitives ({', '.join(tasks.PRIMITIVES)})")
         tokenizer = build.build_tokenizer(out)
         model = build.build_base_model(tokenizer, recipe)
         n = sum(p.numel() for p in model.parameters())
         log(f"      {n / 1e6:.2f}M parameters, {recipe.pretrain_steps} steps of {recipe.batch_size}")
         primitives = tasks.stream(list(tasks.PRIMITIVES.values()), recipe.seed)
-        build.train_causal_lm(model, tokenizer, primitives, steps=recipe.pretrain_steps,
-                              lr=recipe.pretrain_lr, batch_size=recipe.batch_size, desc="pretrain base")
+        done = build.train_causal_lm(model, tokenizer, primitives, steps=recipe.pretrain_steps,
+                                     lr=recipe.pretrain_lr, batch_size=recipe.batch_size,
+                                     desc="pretrain base")
         model.save_pretrained(str(out))
+        return f"{done.exact_match:.1%} exact match on fresh primitive samples"
 
-    _build_once(art.model_dir, make_base, art.seconds, "base model")
+    _build_once(art.model_dir, make_base, art.seconds, "base model", log=log)
     tokenizer = build.load_tokenizer(art.model_dir)
 
+    if not all(path.is_dir() for path in art.adapters.values()):
+        log(f"[2/3] training one rank-{recipe.lora_rank} PEFT LoRA per task on all seven projections "
+            f"(until {recipe.adapter_target:.1%} exact match, at most {recipe.adapter_steps} steps)")
     for i, name in enumerate(recipe.tasks):
         task = tasks.TASKS[name]
 
-        def make_adapter(out: Path, task=task, i=i) -> None:
-            if i == 0:
-                log(f"[2/3] training one rank-{recipe.lora_rank} LoRA per task on all seven projections "
-                    f"({recipe.adapter_steps} steps each)")
+        def make_adapter(out: Path, task=task, i=i) -> str:
             stream = tasks.stream([task], recipe.seed + 7 + i, exclude=held_out)
-            build.train_adapter(art.model_dir, tokenizer, task, stream, recipe, out)
+            done = build.train_adapter(art.model_dir, tokenizer, task, stream, recipe, out)
+            return f"{done.steps} steps, {done.exact_match:.1%} exact match on fresh samples"
 
-        _build_once(art.adapters[name], make_adapter, art.seconds, f"adapter {name}")
+        _build_once(art.adapters[name], make_adapter, art.seconds, f"adapter {name}", log=log)
 
-    def make_router(out: Path) -> None:
+    def make_router(out: Path) -> str:
         log("[3/3] training the router on the tasks' prompts")
         texts, labels = [], []
         for i, name in enumerate(recipe.tasks):
             stream = tasks.stream([tasks.TASKS[name]], recipe.seed + 100 + i, exclude=held_out)
             texts += [next(stream)[0] for _ in range(recipe.router_prompts_per_task)]
             labels += [name] * recipe.router_prompts_per_task
-        Router.train(texts, labels, tokenizer, val_fraction=0.1, seed=recipe.seed, verbose=True).save(out)
+        router = Router.train(texts, labels, tokenizer, val_fraction=0.1, seed=recipe.seed, verbose=True)
+        router.save(out)
+        return f"{len(texts)} prompts"
 
     from ..router import Router
 
@@ -138,9 +146,9 @@ def run(recipe: build.Recipe, *, cache: str | Path | None = None, out: str | Pat
     from ..bank import LoRABank
     from ..router import Router
 
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     art = prepare(recipe, cache, log=log)
-    setup_seconds = time.perf_counter() - start
+    setup_seconds, setup_cpu = time.perf_counter() - start, time.process_time() - cpu_start
     cached = all(v is None for v in art.seconds.values())
     log(f"artifacts in {art.root} ({'all cached' if cached else f'built in {setup_seconds:.0f} s'})")
 
@@ -149,9 +157,10 @@ def run(recipe: build.Recipe, *, cache: str | Path | None = None, out: str | Pat
     bank = LoRABank.from_peft(art.adapters)
     router = Router.load(art.router_dir)
     rows = eval_rows(recipe)
-    eval_start = time.perf_counter()
+    log(f"evaluating the shuffled composite: {len(rows)} prompts x (base, oracle LoRA, DLP-LoRA), greedy")
+    eval_start, eval_cpu_start = time.perf_counter(), time.process_time()
     result = evaluate_composite(model, tokenizer, bank, router, rows, top_p=top_p)
-    eval_seconds = time.perf_counter() - eval_start
+    eval_seconds, eval_cpu = time.perf_counter() - eval_start, time.process_time() - eval_cpu_start
 
     log("")
     log(format_table(result, top_p))
@@ -162,14 +171,29 @@ def run(recipe: build.Recipe, *, cache: str | Path | None = None, out: str | Pat
         "top_p": top_p,
         "recipe": dataclasses.asdict(recipe),
         "artifacts": str(art.root),
-        "seconds": {"build": art.seconds, "setup_total": setup_seconds, "evaluation": eval_seconds},
+        # wall seconds; CPU seconds (all threads) tell a busy machine from a slow step
+        "seconds": {"build": art.seconds, "setup_total": setup_seconds, "evaluation": eval_seconds,
+                    "setup_cpu": setup_cpu, "evaluation_cpu": eval_cpu},
         "machine": {"platform": platform.platform(), "processor": platform.processor(),
                     "torch_threads": torch.get_num_threads(), "torch": torch.__version__},
     }
     (out / "composite.json").write_text(json.dumps(payload, indent=2) + "\n")
     png = plot(result, out / "composite.png")
-    log(f"\nresults: {out.resolve()}/ (composite.json{', composite.png' if png else ''})")
+    log(f"\ntime: {time_summary(art.seconds, setup_seconds, eval_seconds)}")
+    log(f"results: {out.resolve()}/ (composite.json{', composite.png' if png else ''})")
     return result, out
+
+
+def time_summary(build_seconds: dict[str, float | None], setup: float, evaluation: float) -> str:
+    """e.g. 'setup 412 s (base model 190 s, adapters 6 x 33 s, router 4 s) + evaluation 38 s'."""
+    built = {k: v for k, v in build_seconds.items() if v is not None}
+    if not built:
+        return f"setup {setup:.0f} s (every artifact cached) + evaluation {evaluation:.0f} s"
+    adapters = [v for k, v in built.items() if k.startswith("adapter ")]
+    parts = [f"{k} {v:.0f} s" for k, v in built.items() if not k.startswith("adapter ")]
+    if adapters:
+        parts.insert(min(1, len(parts)), f"adapters {len(adapters)} x {sum(adapters) / len(adapters):.0f} s")
+    return f"setup {setup:.0f} s ({', '.join(parts)}) + evaluation {evaluation:.0f} s"
 
 
 def format_table(result: CompositeResult, top_p: float = 0.6) -> str:
@@ -185,6 +209,7 @@ def format_table(result: CompositeResult, top_p: float = 0.6) -> str:
         lines.append([row["task"], str(row["n"]), *(f"{row[m]:.1f}" for m in METHODS), f"{row['router']:.1f}",
                       *times])
     widths = [max(len(h), *(len(r[i]) for r in lines)) for i, h in enumerate(header)]
+
     def fmt(cells: list[str]) -> str:
         return "  ".join(c.ljust(w) if i == 0 else c.rjust(w)
                          for i, (c, w) in enumerate(zip(cells, widths, strict=True)))
@@ -195,7 +220,8 @@ def format_table(result: CompositeResult, top_p: float = 0.6) -> str:
              f"exact match; DLP-LoRA = router + top-p {top_p} fusion")
     body = [fmt(r) for r in lines]
     return "\n".join([title, rule, fmt(header), rule, *body[:-1], rule, body[-1], rule,
-                      f"decode time per token (ms, ratio to base on the average row): {ms}"])
+                      f"decode time per token in ms (ratio to base on the average row): {ms}",
+                      f"DLP-LoRA fused {result.dlp_adapters_per_prompt:.2f} adapters per prompt on average"])
 
 
 def plot(result: CompositeResult, path: Path) -> Path | None:
