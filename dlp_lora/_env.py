@@ -7,6 +7,7 @@ Build time (setup.py):
 
 Run time:
   DLP_LORA_BACKEND        force a backend for every call: reference | cpp | triton | cuda
+  DLP_LORA_CPU_ISA        step the C++ CPU kernel down: avx512 | avx2 | generic (default: best the CPU has)
   TRITON_INTERPRET=1      run Triton kernels on CPU tensors (tests); must be set before import
   DLP_LORA_DEMO_DIR       artifact cache of `python -m dlp_lora.demo` (default: .cache/dlp_demo)
 """
