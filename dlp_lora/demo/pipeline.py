@@ -62,7 +62,8 @@ def eval_rows(recipe: build.Recipe) -> list[tuple[str, str, str]]:
 
 
 def _build_once(path: Path, make: Callable[[Path], str], seconds: dict, label: str,
-                readable: Callable[[Path], object] | None = None, log: Callable[[str], None] = print) -> None:
+                readable: Callable[[Path], object] | None = None, log: Callable[[str], None] = print,
+                ) -> None:
     """Run `make(tmp)` unless `path` exists (and `readable(path)` does not raise ValueError);
     `tmp` becomes `path` only when make returns. make returns a note for the log line."""
     if path.is_dir():
@@ -237,13 +238,14 @@ def plot(result: CompositeResult, path: Path) -> Path | None:
     fig, (ax, ax_t) = plt.subplots(1, 2, figsize=(11, 4), gridspec_kw={"width_ratios": [4, 1]})
     width = 0.8 / len(METHODS)
     for j, m in enumerate(METHODS):
-        ax.bar([i + (j - 1) * width for i in range(len(rows))], [r[m] for r in rows], width,
-               label=METHOD_TITLES[m])
+        bars = ax.bar([i + (j - 1) * width for i in range(len(rows))], [r[m] for r in rows], width,
+                      label=METHOD_TITLES[m])
+        ax.bar_label(bars, fmt="%.0f", fontsize=7)  # a base bar at 0 is otherwise invisible
     ax.set_xticks(range(len(rows)), [r["task"] for r in rows])
     ax.set_ylabel("exact match (%)")
-    ax.set_ylim(0, 105)
+    ax.set_ylim(0, 125)
     ax.set_title(f"Composite-{len(result.tasks)}: shuffled prompts of every task")
-    ax.legend(loc="lower right")
+    ax.legend(loc="upper center", ncol=len(METHODS), frameon=False)
     ax_t.bar([METHOD_TITLES[m] for m in METHODS], [result.decode_ratio(m) for m in METHODS],
              color=["C0", "C1", "C2"])
     ax_t.set_ylabel("decode time per token / base")
