@@ -7,7 +7,7 @@ with `save_pretrained`, the adapters in PEFT's format (adapter_config.json + ada
 from __future__ import annotations
 
 import math
-import random
+import warnings
 from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -24,7 +24,13 @@ LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 
 @dataclass(frozen=True)
 class Recipe:
-    """Sizes and schedules of the demo. `Recipe()` is the full demo, `Recipe.smoke()` the test-sized one."""
+    """Sizes and schedules of the demo. `Recipe()` is the full demo, `Recipe.smoke()` the test-sized one.
+
+    Measured with one thread on a shared 2-core machine: pretraining (2500 steps, ~290 s) ends at ~99%
+    exact match on the primitives; adapters stop after 190-600 steps (~25-80 s each); oracle exact match
+    was >= 96% on every task for seeds 0 and 1. With 1500 pretraining steps the base was weaker and seed
+    dependent (89-96% on the primitives), and the add adapter then fell to 62% on one seed.
+    """
 
     name: str = "demo"
     hidden_size: int = 128
@@ -194,28 +200,12 @@ def train_adapter(base_dir: str | Path, tokenizer, task: StringTask, examples, r
 
     torch.manual_seed(recipe.seed + 1 + sum(map(ord, task.name)))
     base = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32)
-    model = get_peft_model(base, lora_config(recipe))
+    with warnings.catch_warnings():
+        # peft 0.21 calls a transformers 5 method that is deprecated; nothing the demo can act on
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        model = get_peft_model(base, lora_config(recipe))
     log = train_causal_lm(model, tokenizer, examples, steps=recipe.adapter_steps, lr=recipe.adapter_lr,
                           batch_size=recipe.batch_size, desc=f"adapter {task.name}",
                           target_exact_match=recipe.adapter_target)
     model.save_pretrained(str(out_dir))
     return log
-
-
-@torch.no_grad()
-def greedy_answers(model, tokenizer, prompts: list[str], *, max_new_tokens: int, batch_size: int = 64,
-                   **generate_kwargs) -> list[str]:
-    """Greedy `generate` on left-padded batches; returns the decoded continuations, cut at EOS."""
-    out: list[str] = []
-    for i in range(0, len(prompts), batch_size):
-        enc = tokenizer(prompts[i: i + batch_size], return_tensors="pt", padding=True)
-        gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
-                             pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
-                             **generate_kwargs)
-        out += tokenizer.batch_decode(gen[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
-    return out
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    torch.manual_seed(seed)

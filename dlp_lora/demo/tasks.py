@@ -7,6 +7,11 @@ single-digit sums, letter successor, min/max, last character) that none of the t
 base model learns to read and write strings, then one LoRA per test task teaches the task itself.
 The base therefore scores near zero on the tasks and far below the adapters, which is the pattern
 the demo has to show.
+
+Counting ("how many b in dbebbb?") was tried as a sixth task and left out: a rank-8 LoRA stayed at
+40-52% exact match (about the answer prior) after 600 steps, with or without a digit-counting primitive
+in pretraining; "how many vowels" reached 78%. Addition uses two-digit operands: with one-digit
+operands allowed, the misaligned digits were most of the adapter's errors.
 """
 
 from __future__ import annotations
