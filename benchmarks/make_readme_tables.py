@@ -136,21 +136,28 @@ def render_layer(path: Path) -> str:
         variant = b["extra_info"].get("variant", "")
         return None if variant == "base" or variant.startswith("peft") else b["extra_info"].get("n_adapters")
 
+    # MeteoRA's claim is against DLP-LoRA with the same bank: the ratio to dlp of the same case and N
+    dlp_median = {(b["group"], b["extra_info"].get("n_adapters")): b["stats"]["median"] for b in benches
+                  if b["extra_info"].get("variant") == "dlp"}
+
     rows = []
     order = lambda b: (b["group"], n_adapters(b) or 0, b["stats"]["median"])
     for b in sorted(benches, key=order):
         info, stats = b["extra_info"], b["stats"]
         ref = base_median.get(b["group"])
+        dlp = dlp_median.get((b["group"], info.get("n_adapters")))
+        meteora = info.get("variant", "").startswith("meteora")
         rows.append([b["group"], info.get("variant"), n_adapters(b),
                      f"{stats['median'] * 1e6:.1f} [{stats['iqr'] * 1e6:.1f}]",
-                     f"{stats['median'] / ref:.2f}" if ref else "-"])
+                     f"{stats['median'] / ref:.2f}" if ref else "-",
+                     f"{stats['median'] / dlp:.2f}" if dlp and meteora else ""])
     machine = raw.get("machine_info", {})
     threads = {b["extra_info"].get("threads") for b in benches} - {None}
     head = (f"**One adapted Linear** (benchmarks/bench_layer.py): median µs [IQR], r=8; "
             f"_{machine.get('cpu', {}).get('brand_raw', machine.get('processor', ''))}, "
             f"{'/'.join(map(str, sorted(threads))) or '?'} torch thread(s), "
             f"from `{_rel(path)}` ({raw.get('datetime', '')[:19]})._")
-    return "\n".join([head, "", md_table(["case", "variant", "N", "µs", "x base"], rows)])
+    return "\n".join([head, "", md_table(["case", "variant", "N", "µs", "x base", "x dlp"], rows)])
 
 
 # ----------------------------------------------------------------------------- ops (summarize_ops.py)
@@ -204,11 +211,38 @@ def render_rows(path: Path, title: str) -> str:
     return "\n".join(parts)
 
 
+def render_demo(path: Path) -> str:
+    """The composite-K table of `make demo`: exact match per task and method, router accuracy, and
+    decode time per token as a ratio to base (measured over the whole shuffled composite, so it is
+    given once, on the average row)."""
+    data = json.loads(path.read_text())
+    methods = [m for m in ("base", "oracle", "dlp") if m in data.get("decode_ratio_to_base", {})]
+    titles = {"base": "base", "oracle": "oracle LoRA", "dlp": "DLP-LoRA"}
+    header = ["task", "n", *(f"{titles[m]} EM %" for m in methods), "router acc %",
+              *(f"{titles[m]} decode time" for m in methods)]
+    rows = []
+    for row in data["rows"]:
+        average = row["task"] == "average"
+        times = [f"{data['decode_ratio_to_base'][m]:.2f}x" if average else "" for m in methods]
+        cells = [row["task"], row["n"], *(f"{row[m]:.1f}" for m in methods), f"{row['router']:.1f}", *times]
+        rows.append([f"**{c}**" if average and c != "" else c for c in cells])
+    recipe, seconds = data.get("recipe", {}), data.get("seconds", {})
+    built = {k: v for k, v in seconds.get("build", {}).items() if v is not None}
+    setup = (f"artifacts built in {seconds['setup_total']:.0f} s ("
+             + ", ".join(f"{k} {v:.0f} s" for k, v in built.items()) + ")") if built else "artifacts cached"
+    head = (f"**Composite-{len(data['tasks'])} demo** (`make demo`): shuffled prompts of every task, greedy "
+            f"decoding, exact match; DLP-LoRA = router + top-p {data.get('top_p')} fusion "
+            f"({data.get('dlp_adapters_per_prompt', 0):.2f} adapters per prompt on average). "
+            f"Char-level Llama, hidden {recipe.get('hidden_size')}, rank-{recipe.get('lora_rank')} LoRAs; "
+            f"{setup}, evaluation {seconds.get('evaluation', 0):.0f} s.")
+    return "\n".join([head, "", _provenance(data, path), "", md_table(header, rows)])
+
+
 SECTIONS: dict[str, tuple[str, Callable[[Path], str]]] = {
     "e2e": ("e2e_*.json", render_e2e),
     "ops": ("ops_*.json", render_ops),
     "layer": ("layer_*_raw.json", render_layer),
-    "demo": ("demo*.json", lambda p: render_rows(p, "Composite-task demo")),
+    "demo": ("demo*.json", render_demo),
 }
 
 

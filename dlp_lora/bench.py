@@ -46,12 +46,10 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
-import datetime
 import hashlib
 import itertools
 import json
 import os
-import platform
 import shutil
 import statistics
 import tempfile
@@ -63,6 +61,8 @@ from pathlib import Path
 
 import torch
 from torch import nn
+
+from .provenance import load_average, machine_info, timestamp, versions
 
 TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 FORMS = ("loop", "bmm", "op")
@@ -484,37 +484,6 @@ def evaluate_goals(rows: list[dict]) -> list[dict]:
     return goals
 
 
-# ----------------------------------------------------------------------------- environment
-
-def machine_info(device: str) -> dict:
-    cpu = platform.processor() or "unknown"
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    info = {"cpu": cpu, "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "platform": platform.platform()}
-    if device.startswith("cuda") and torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name()
-    return info
-
-
-def versions() -> dict:
-    import peft
-    import transformers
-
-    from . import __version__, ops
-
-    return {"python": platform.python_version(), "torch": torch.__version__,
-            "transformers": transformers.__version__, "peft": peft.__version__, "dlp_lora": __version__,
-            "op_backend": ops.resolve_backend(torch.device("cpu")), "backends": ops.available_backends()}
-
-
-def load_average() -> list[float] | None:
-    return [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None
-
-
 # ----------------------------------------------------------------------------- plot
 
 def plot_scaling(result: dict, path: Path) -> Path:
@@ -646,7 +615,7 @@ def run(args: argparse.Namespace) -> dict:
 
     result = {
         "benchmark": "end-to-end greedy decode",
-        "created": datetime.datetime.now().isoformat(timespec="seconds"),
+        "created": timestamp(),
         "arguments": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         "machine": machine_info(settings.device), "versions": versions(),
         "config": {**{k: v for k, v in asdict(settings).items() if k != "model"},

@@ -57,3 +57,26 @@ def test_results_written_and_second_run_reuses_the_cache(smoke, capsys):
     # greedy decoding of the same artifacts: the same exact-match table
     assert [{k: r[k] for k in ("task", *METHODS)} for r in second["rows"]] == \
         [{k: r[k] for k in ("task", *METHODS)} for r in payload["rows"]]
+
+
+def test_readme_table_from_the_demo_json(smoke):
+    """benchmarks/make_readme_tables.py renders the demo's JSON: provenance, one row per task plus the
+    average, and the decode-time ratios on the average row."""
+    import importlib.util
+    from pathlib import Path
+
+    _, result, out = smoke
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "make_readme_tables.py"
+    spec = importlib.util.spec_from_file_location("make_readme_tables", script)
+    tables = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tables)
+
+    payload = json.loads((out / "composite.json").read_text())
+    assert payload["machine"]["cpu_count"] >= 1 and payload["versions"]["torch"]
+    text = tables.render_demo(out / "composite.json")
+    lines = [line for line in text.splitlines() if line.startswith("| ")]
+    assert len(lines) == 1 + len(result.tasks) + 1  # header, tasks, average
+    assert "DLP-LoRA decode time" in lines[0]
+    average = lines[-1]
+    assert f"**{result.decode_ratio('dlp'):.2f}x**" in average and "**1.00x**" in average
+    assert payload["machine"]["cpu"] in text

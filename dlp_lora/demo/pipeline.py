@@ -16,7 +16,6 @@ import dataclasses
 import hashlib
 import json
 import os
-import platform
 import shutil
 import time
 from collections.abc import Callable
@@ -26,6 +25,7 @@ from pathlib import Path
 import torch
 
 from .._env import DEMO_DIR_ENV
+from ..provenance import load_average, machine_info, timestamp, versions
 from . import build, tasks
 from .evaluate import METHOD_TITLES, METHODS, CompositeResult, evaluate_composite, shuffled_composite
 
@@ -147,6 +147,7 @@ def run(recipe: build.Recipe, *, cache: str | Path | None = None, out: str | Pat
     from ..bank import LoRABank
     from ..router import Router
 
+    load_start = load_average()
     start, cpu_start = time.perf_counter(), time.process_time()
     art = prepare(recipe, cache, log=log)
     setup_seconds, setup_cpu = time.perf_counter() - start, time.process_time() - cpu_start
@@ -168,6 +169,8 @@ def run(recipe: build.Recipe, *, cache: str | Path | None = None, out: str | Pat
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     payload = {
+        "benchmark": "composite-K demo (make demo)",
+        "created": timestamp(),
         **result.to_json(),
         "top_p": top_p,
         "recipe": dataclasses.asdict(recipe),
@@ -175,8 +178,8 @@ def run(recipe: build.Recipe, *, cache: str | Path | None = None, out: str | Pat
         # wall seconds; CPU seconds (all threads) tell a busy machine from a slow step
         "seconds": {"build": art.seconds, "setup_total": setup_seconds, "evaluation": eval_seconds,
                     "setup_cpu": setup_cpu, "evaluation_cpu": eval_cpu},
-        "machine": {"platform": platform.platform(), "processor": platform.processor(),
-                    "torch_threads": torch.get_num_threads(), "torch": torch.__version__},
+        "machine": machine_info(), "versions": versions(),
+        "load_average": {"start": load_start, "end": load_average()},
     }
     (out / "composite.json").write_text(json.dumps(payload, indent=2) + "\n")
     png = plot(result, out / "composite.png")
