@@ -54,6 +54,10 @@ def test_results_written_and_second_run_reuses_the_cache(smoke, capsys):
     assert "all cached" in printed and "average" in printed
     second = json.loads((root / "out2" / "composite.json").read_text())
     assert all(v is None for v in second["seconds"]["build"].values())
+    # ... and still reports how long the first run took to build each artifact
+    assert second["seconds"]["first_build"] == payload["seconds"]["first_build"]
+    assert set(payload["seconds"]["first_build"]) == set(payload["seconds"]["build"])
+    assert all(v > 0 for v in payload["seconds"]["first_build"].values())
     # greedy decoding of the same artifacts: the same exact-match table
     assert [{k: r[k] for k in ("task", *METHODS)} for r in second["rows"]] == \
         [{k: r[k] for k in ("task", *METHODS)} for r in payload["rows"]]

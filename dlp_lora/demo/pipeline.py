@@ -40,6 +40,12 @@ class DemoArtifacts:
     adapters: dict[str, Path]
     router_dir: Path
     seconds: dict[str, float | None] = field(default_factory=dict)  # build step -> seconds (None = cached)
+    # build step -> {"seconds", "note", "created"} of the run that built it (cached runs report it too)
+    build_log: dict[str, dict] = field(default_factory=dict)
+
+    @property
+    def build_log_path(self) -> Path:
+        return self.root / "build_log.json"
 
 
 def recipe_key(recipe: build.Recipe) -> str:
@@ -61,11 +67,13 @@ def eval_rows(recipe: build.Recipe) -> list[tuple[str, str, str]]:
     return shuffled_composite(tasks.held_out_set(chosen, recipe.eval_per_task, EVAL_SEED), EVAL_SEED)
 
 
-def _build_once(path: Path, make: Callable[[Path], str], seconds: dict, label: str,
+def _build_once(art: DemoArtifacts, path: Path, make: Callable[[Path], str], label: str,
                 readable: Callable[[Path], object] | None = None, log: Callable[[str], None] = print,
                 ) -> None:
     """Run `make(tmp)` unless `path` exists (and `readable(path)` does not raise ValueError);
-    `tmp` becomes `path` only when make returns. make returns a note for the log line."""
+    `tmp` becomes `path` only when make returns. make returns a note for the log line, which is kept
+    with the build time in the artifacts' build_log.json."""
+    seconds = art.seconds
     if path.is_dir():
         try:
             if readable is not None:
@@ -83,6 +91,10 @@ def _build_once(path: Path, make: Callable[[Path], str], seconds: dict, label: s
     os.replace(tmp, path)
     seconds[label] = time.perf_counter() - start
     log(f"      {label}: {note}, {seconds[label]:.0f} s")
+    art.build_log[label] = {"seconds": round(seconds[label], 1), "note": note, "created": timestamp()}
+    tmp_log = art.build_log_path.with_suffix(".partial")
+    tmp_log.write_text(json.dumps(art.build_log, indent=1) + "\n")
+    os.replace(tmp_log, art.build_log_path)
 
 
 def prepare(recipe: build.Recipe, root: str | Path | None = None, *, log: Callable[[str], None] = print
@@ -91,6 +103,8 @@ def prepare(recipe: build.Recipe, root: str | Path | None = None, *, log: Callab
     root = cache_dir(root) / f"{recipe.name}-{recipe_key(recipe)}"
     adapters = {t: root / "adapters" / t for t in recipe.tasks}
     art = DemoArtifacts(root, root / "model", adapters, root / "router")
+    if art.build_log_path.is_file():
+        art.build_log = json.loads(art.build_log_path.read_text())
     held_out = {prompt for _, prompt, _ in eval_rows(recipe)}
 
     def make_base(out: Path) -> str:
@@ -106,7 +120,7 @@ def prepare(recipe: build.Recipe, root: str | Path | None = None, *, log: Callab
         model.save_pretrained(str(out))
         return f"{done.exact_match:.1%} exact match on fresh primitive samples"
 
-    _build_once(art.model_dir, make_base, art.seconds, "base model", log=log)
+    _build_once(art, art.model_dir, make_base, "base model", log=log)
     tokenizer = build.load_tokenizer(art.model_dir)
 
     if not all(path.is_dir() for path in art.adapters.values()):
@@ -120,7 +134,7 @@ def prepare(recipe: build.Recipe, root: str | Path | None = None, *, log: Callab
             done = build.train_adapter(art.model_dir, tokenizer, task, stream, recipe, out)
             return f"{done.steps} steps, {done.exact_match:.1%} exact match on fresh samples"
 
-        _build_once(art.adapters[name], make_adapter, art.seconds, f"adapter {name}", log=log)
+        _build_once(art, art.adapters[name], make_adapter, f"adapter {name}", log=log)
 
     def make_router(out: Path) -> str:
         log("[3/3] training the router on the tasks' prompts")
@@ -135,7 +149,7 @@ def prepare(recipe: build.Recipe, root: str | Path | None = None, *, log: Callab
 
     from ..router import Router
 
-    _build_once(art.router_dir, make_router, art.seconds, "router", readable=Router.load, log=log)
+    _build_once(art, art.router_dir, make_router, "router", readable=Router.load, log=log)
     return art
 
 
@@ -152,7 +166,10 @@ def run(recipe: build.Recipe, *, cache: str | Path | None = None, out: str | Pat
     art = prepare(recipe, cache, log=log)
     setup_seconds, setup_cpu = time.perf_counter() - start, time.process_time() - cpu_start
     cached = all(v is None for v in art.seconds.values())
-    log(f"artifacts in {art.root} ({'all cached' if cached else f'built in {setup_seconds:.0f} s'})")
+    first = sum(v["seconds"] for v in art.build_log.values())
+    status = (f"all cached, built in {first:.0f} s by an earlier run" if cached
+              else f"built in {setup_seconds:.0f} s")
+    log(f"artifacts in {art.root} ({status})")
 
     tokenizer = build.load_tokenizer(art.model_dir)
     model = AutoModelForCausalLM.from_pretrained(str(art.model_dir), dtype=torch.float32).eval()
@@ -175,8 +192,10 @@ def run(recipe: build.Recipe, *, cache: str | Path | None = None, out: str | Pat
         "top_p": top_p,
         "recipe": dataclasses.asdict(recipe),
         "artifacts": str(art.root),
+        "build_log": art.build_log,
         # wall seconds; CPU seconds (all threads) tell a busy machine from a slow step
-        "seconds": {"build": art.seconds, "setup_total": setup_seconds, "evaluation": eval_seconds,
+        "seconds": {"build": art.seconds, "first_build": {k: v["seconds"] for k, v in art.build_log.items()},
+                    "setup_total": setup_seconds, "evaluation": eval_seconds,
                     "setup_cpu": setup_cpu, "evaluation_cpu": eval_cpu},
         "machine": machine_info(), "versions": versions(),
         "load_average": {"start": load_start, "end": load_average()},
