@@ -56,6 +56,7 @@ bench-ops: build
 bench-layer: build
 	$(PYTEST) benchmarks/bench_layer.py --benchmark-enable --benchmark-only \
 		--benchmark-json=benchmarks/results/layer_cpu_raw.json -q
+	$(PY) benchmarks/summarize_layer.py benchmarks/results/layer_cpu_raw.json benchmarks/results/layer_cpu.json
 
 # One torch thread: on a shared 2-core machine, OpenMP barriers wait on descheduled threads.
 bench-e2e: build

@@ -7,7 +7,7 @@ Each table replaces the text between ``<!-- BENCH:<name> -->`` and ``<!-- /BENCH
 
   e2e    benchmarks/results/e2e_*.json          dlp-lora bench (dlp_lora/bench.py)
   ops    benchmarks/results/ops_*.json          benchmarks/summarize_ops.py (kernel microbenchmarks)
-  layer  benchmarks/results/layer_*_raw.json    pytest-benchmark JSON of benchmarks/bench_layer.py
+  layer  benchmarks/results/layer_*.json        benchmarks/summarize_layer.py's compact bench_layer.py JSON
   demo   benchmarks/results/demo*.json          the composite-task demo
 
 A result file that is missing leaves its section untouched; a marker that README.md lacks is
@@ -128,34 +128,30 @@ def _render_scaling(result: dict) -> str:
 # ----------------------------------------------------------------------------- layer (pytest-benchmark)
 
 def render_layer(path: Path) -> str:
+    """One adapted Linear (benchmarks/summarize_layer.py's file): every variant's median and its ratios
+    to the bare Linear and, for the MeteoRA forms, to DLP-LoRA with the same bank."""
     raw = json.loads(path.read_text())
     benches = raw.get("benchmarks", [])
-    base_median = {b["group"]: b["stats"]["median"] for b in benches
-                   if b["extra_info"].get("variant") == "base"}
+
     def n_adapters(b):  # base and PEFT do not depend on the bank size: measured once, shown as "-"
         variant = b["extra_info"].get("variant", "")
         return None if variant == "base" or variant.startswith("peft") else b["extra_info"].get("n_adapters")
 
-    # MeteoRA's claim is against DLP-LoRA with the same bank: the ratio to dlp of the same case and N
-    dlp_median = {(b["group"], b["extra_info"].get("n_adapters")): b["stats"]["median"] for b in benches
-                  if b["extra_info"].get("variant") == "dlp"}
-
     rows = []
     order = lambda b: (b["group"], n_adapters(b) or 0, b["stats"]["median"])
     for b in sorted(benches, key=order):
-        info, stats = b["extra_info"], b["stats"]
-        ref = base_median.get(b["group"])
-        dlp = dlp_median.get((b["group"], info.get("n_adapters")))
-        meteora = info.get("variant", "").startswith("meteora")
-        rows.append([b["group"], info.get("variant"), n_adapters(b),
+        stats = b["stats"]
+        rows.append([b["group"], b["extra_info"].get("variant"), n_adapters(b),
                      f"{stats['median'] * 1e6:.1f} [{stats['iqr'] * 1e6:.1f}]",
-                     f"{stats['median'] / ref:.2f}" if ref else "-",
-                     f"{stats['median'] / dlp:.2f}" if dlp and meteora else ""])
+                     f"{b['x_base']:.2f}" if "x_base" in b else "-",
+                     f"{b['x_dlp']:.2f}" if "x_dlp" in b else ""])
     machine = raw.get("machine_info", {})
     threads = {b["extra_info"].get("threads") for b in benches} - {None}
-    head = (f"**One adapted Linear** (benchmarks/bench_layer.py): median µs [IQR], r=8; "
+    head = (f"**One adapted Linear** (benchmarks/bench_layer.py): median µs [IQR], r=8; x dlp = MeteoRA "
+            f"form / DLP-LoRA with the same N; "
             f"_{machine.get('cpu', {}).get('brand_raw', machine.get('processor', ''))}, "
             f"{'/'.join(map(str, sorted(threads))) or '?'} torch thread(s), "
+            f"torch {raw.get('versions', {}).get('torch')}, "
             f"from `{_rel(path)}` ({raw.get('datetime', '')[:19]})._")
     return "\n".join([head, "", md_table(["case", "variant", "N", "µs", "x base", "x dlp"], rows)])
 
@@ -245,7 +241,7 @@ def render_demo(path: Path) -> str:
 SECTIONS: dict[str, tuple[str, Callable[[Path], str]]] = {
     "e2e": ("e2e_*.json", render_e2e),
     "ops": ("ops_*.json", render_ops),
-    "layer": ("layer_*_raw.json", render_layer),
+    "layer": ("layer_*.json", render_layer),
     "demo": ("demo*.json", render_demo),
 }
 
@@ -255,7 +251,7 @@ def build_tables(results_dir: Path) -> dict[str, str]:
     tables = {}
     for name, (pattern, render) in SECTIONS.items():
         files = sorted(p for p in results_dir.glob(pattern)
-                       if not (name == "ops" and p.name.endswith("_raw.json")))
+                       if not p.name.endswith("_raw.json"))
         if files:
             tables[name] = "\n\n".join(render(p) for p in files)
     return tables

@@ -92,3 +92,35 @@ def test_readme_tables_ops_section_and_missing_markers(tmp_path, capsys):
     assert readme.read_text() == "no markers here\n"
     captured = capsys.readouterr()
     assert "has no <!-- BENCH:ops -->" in captured.err and "| decode | fp32 |" in captured.out
+
+
+def test_layer_summary_drops_samples_and_adds_ratios(tmp_path):
+    """summarize_layer.py keeps statistics, drops pytest-benchmark's samples and computes the ratios to
+    the bare Linear and (MeteoRA forms) to DLP-LoRA with the same N; the README table shows them."""
+    spec = importlib.util.spec_from_file_location(
+        "summarize_layer", ROOT / "benchmarks" / "summarize_layer.py")
+    summarize_layer = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(summarize_layer)
+
+    def case(variant, n, median):
+        stats = {"median": median, "iqr": median / 10, "q1": median * 0.95, "q3": median * 1.05,
+                 "rounds": 5, "data": [median] * 5}
+        return {"group": "up decode_b1", "name": f"test_layer[{variant}-{n}]", "stats": stats,
+                "extra_info": {"variant": variant, "n_adapters": n, "threads": 1}}
+
+    raw = {"datetime": "2026-11-26T00:00:00", "machine_info": {"cpu": {"brand_raw": "some cpu"}},
+           "benchmarks": [case("base", 26, 2e-4), case("dlp", 26, 2.5e-4), case("meteora_op", 26, 5e-4),
+                          case("dlp", 100, 3e-4), case("meteora_op", 100, 4.5e-4)]}
+    summary = summarize_layer.summarize(raw)
+    by_name = {b["name"]: b for b in summary["benchmarks"]}
+    assert all("data" not in b["stats"] for b in summary["benchmarks"])
+    assert by_name["test_layer[dlp-26]"]["x_base"] == pytest.approx(1.25)
+    assert by_name["test_layer[meteora_op-26]"]["x_dlp"] == pytest.approx(2.0)
+    assert by_name["test_layer[meteora_op-100]"]["x_dlp"] == pytest.approx(1.5)
+    assert "x_dlp" not in by_name["test_layer[dlp-26]"]
+
+    path = tmp_path / "layer_cpu.json"
+    path.write_text(json.dumps(summary))
+    text = _load_tables_script().render_layer(path)
+    assert "| up decode_b1 | meteora_op | 100 | 450.0 [45.0] | 2.25 | 1.50 |" in text
+    assert "some cpu" in text
