@@ -53,8 +53,9 @@ bench-ops: build
 		--benchmark-json=benchmarks/results/ops_cpu_raw.json -q
 	$(PY) benchmarks/summarize_ops.py benchmarks/results/ops_cpu_raw.json benchmarks/results/ops_cpu.json
 
+# One thread, like bench-e2e, so the layer and the end-to-end ratios are comparable.
 bench-layer: build
-	$(PYTEST) benchmarks/bench_layer.py --benchmark-enable --benchmark-only \
+	OMP_NUM_THREADS=1 $(PYTEST) benchmarks/bench_layer.py --benchmark-enable --benchmark-only \
 		--benchmark-json=benchmarks/results/layer_cpu_raw.json -q
 	$(PY) benchmarks/summarize_layer.py benchmarks/results/layer_cpu_raw.json benchmarks/results/layer_cpu.json
 
