@@ -76,7 +76,7 @@ def render_e2e(path: Path) -> str:
     result = json.loads(path.read_text())
     cfg, model = result["config"], result["config"]["model"]
     parts = [
-        f"**End-to-end greedy decode** ({cfg['preset']} preset): Llama h={model['hidden_size']}, "
+        f"**End-to-end greedy decode** ({_preset(result)}): Llama h={model['hidden_size']}, "
         f"{model['num_hidden_layers']} layers, {model['parameters'] / 1e6:.0f}M parameters, {cfg['dtype']}; "
         f"{cfg['prompt_len']}-token prompt, {cfg['new_tokens']} new tokens, r={cfg['rank']} on "
         f"{len(cfg['target_modules'])} projections; DLP-LoRA top_p={cfg['top_p']}, "
@@ -100,6 +100,21 @@ def render_e2e(path: Path) -> str:
     if result.get("scaling"):
         parts += ["", _render_scaling(result)]
     return "\n".join(parts)
+
+
+def _preset(result: dict) -> str:
+    """'full preset', or what a run changed: files written before bench.py named edited runs say only
+    'short' in their config, so the recorded command-line arguments are checked too."""
+    cfg, args = result["config"], result.get("arguments", {})
+    if "+" in cfg["preset"] or args.get("full"):
+        return f"{cfg['preset']} preset"
+    edited = {"batch sizes": args.get("batch_sizes"), "N": args.get("adapters"),
+              "MeteoRA forms": args.get("forms"), "rounds": args.get("reps"),
+              "new tokens": args.get("new_tokens")}
+    edited = {k: v for k, v in edited.items() if v is not None}
+    if not edited:
+        return f"{cfg['preset']} preset"
+    return f"{cfg['preset']} preset, edited: " + ", ".join(f"{k} {v}" for k, v in edited.items())
 
 
 def _ratio(row: dict, ref: str) -> str:

@@ -573,7 +573,10 @@ def settings_from_args(args: argparse.Namespace) -> BenchSettings:
                  "adapter_counts": tuple(args.adapters) if args.adapters else None,
                  "meteora_forms": tuple(args.forms) if args.forms else None,
                  "scaling_adapter_counts": tuple(args.scaling_adapters) if args.scaling_adapters else None}
-    preset.update({k: v for k, v in overrides.items() if v is not None})
+    changed = {k: v for k, v in overrides.items() if v is not None and preset.get(k) != v}
+    if changed:  # result files and README tables must not call an edited run by a preset's name
+        preset["preset"] = f"{preset['preset']} + " + ", ".join(f"{k}={v}" for k, v in changed.items())
+    preset.update(changed)
     settings = BenchSettings(**preset)
     if settings.new_tokens < 2:
         raise SystemExit("--new-tokens must be >= 2 (decode time is measured between steps)")

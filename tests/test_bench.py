@@ -40,6 +40,8 @@ def test_bench_harness_and_readme_tables(tmp_path):
     assert {"cpu", "cpu_count"} <= set(result["machine"])
     assert {"torch", "transformers", "peft", "dlp_lora", "python"} <= set(result["versions"])
     assert len(result["load_average"]["start"]) == 3
+    # an edited run is not called by the preset's name alone
+    assert result["config"]["preset"].startswith("short + ") and "new_tokens=3" in result["config"]["preset"]
     rows = {(r["variant"], r["batch"]): r for r in result["e2e"]}
     expected = {"base", "peft_single", "peft_merged", "dlp_N6", "dlp_router_N6"}
     expected |= {f"meteora_{form}_N6" for form in ("bmm", "op")}

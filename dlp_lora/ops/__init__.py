@@ -78,7 +78,8 @@ def resolve_backend(device: torch.device, backend: str | None = None) -> str:
     name = backend or forced_backend()
     if name is not None and name != "auto":
         if name not in BACKENDS:
-            raise MultiLoRAArgumentError(f"multi_lora: `backend` must be one of {BACKENDS} or 'auto', got {name!r}")
+            raise MultiLoRAArgumentError(
+                f"multi_lora: `backend` must be one of {BACKENDS} or 'auto', got {name!r}")
         if not _usable(name, device):
             raise RuntimeError(
                 f"multi_lora: backend {name!r} is not usable on {device} "
@@ -145,7 +146,8 @@ def multi_lora(
     name = resolve_backend(x.device, backend)
     if x.dtype == torch.float64 and name != "reference":
         if backend is not None or forced_backend():
-            raise MultiLoRAArgumentError(f"multi_lora: float64 is only supported by the reference backend, not {name!r}")
+            raise MultiLoRAArgumentError(
+                f"multi_lora: float64 is only supported by the reference backend, not {name!r}")
         name = "reference"
     torch.ops.dlp_lora.multi_lora(y, x, lora_a, lora_b, seg_indptr, lora_ids, lora_weights, name)
     return y

@@ -76,7 +76,8 @@ def check_multi_lora_args(
     if lora_ids.shape[0] != S:
         _fail("lora_ids", f"has {lora_ids.shape[0]} rows but seg_indptr describes S={S} segments")
     if tuple(lora_weights.shape) != tuple(lora_ids.shape):
-        _fail("lora_weights", f"has shape {tuple(lora_weights.shape)}, expected lora_ids' {tuple(lora_ids.shape)}")
+        _fail("lora_weights",
+              f"has shape {tuple(lora_weights.shape)}, expected lora_ids' {tuple(lora_ids.shape)}")
 
     if check_values:
         check_routing_values(seg_indptr, lora_ids, num_tokens=T, num_loras=N)
