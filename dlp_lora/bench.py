@@ -6,7 +6,8 @@
 
 The short preset keeps the model, prompt and batch sizes but runs only N=26, MeteoRA's strongest
 form (op), 16 new tokens and 2 rounds, without the scaling sweep. ``--full``: N in {1, 26, 100},
-all three MeteoRA forms, 64 new tokens, 5 rounds, plus the sweep (~25 min at 1 thread).
+all three MeteoRA forms, 64 new tokens, 9 rounds, plus the sweep (~60 min at 1 thread; with 5 rounds,
+one or two disturbed rounds moved a median by 30% on this shared VM).
 On a machine shared with other work, use ``--threads 1``: two OpenMP threads whose barriers wait
 on descheduled threads made decode ~15x slower here, and the ratios meaningless.
 
@@ -126,7 +127,7 @@ class BenchSettings:
 SHORT = dict(preset="short", new_tokens=16, batch_sizes=(1, 8), adapter_counts=(26,),
              meteora_forms=("op",), reps=2, scaling=False)
 FULL = dict(preset="full", new_tokens=64, batch_sizes=(1, 8), adapter_counts=(1, 26, 100),
-            meteora_forms=FORMS, reps=5, scaling=True, scaling_new_tokens=32, scaling_reps=3)
+            meteora_forms=FORMS, reps=9, scaling=True, scaling_new_tokens=32, scaling_reps=3)
 
 
 # ----------------------------------------------------------------------------- model & adapters
@@ -531,7 +532,7 @@ def _errorline(ax, pts, **kwargs):
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--full", action="store_true",
                         help="issue 4's complete configuration: 64 new tokens, N in {1,26,100}, all "
-                             "three MeteoRA forms, 5 rounds, plus the N x K scaling sweep (tens of "
+                             "three MeteoRA forms, 9 rounds, plus the N x K scaling sweep (tens of "
                              "minutes on 2 cores)")
     parser.add_argument("--out", type=Path, default=None, help="write the JSON result here")
     parser.add_argument("--plot", type=Path, default=None,
