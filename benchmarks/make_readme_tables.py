@@ -226,9 +226,11 @@ def render_demo(path: Path) -> str:
     """The composite-K table of `make demo`: exact match per task and method, router accuracy, and
     decode time per token as a ratio to base (measured over the whole shuffled composite, so it is
     given once, on the average row)."""
+    from dlp_lora.demo.evaluate import METHOD_TITLES as titles
+    from dlp_lora.demo.evaluate import METHODS
+
     data = json.loads(path.read_text())
-    methods = [m for m in ("base", "oracle", "dlp") if m in data.get("decode_ratio_to_base", {})]
-    titles = {"base": "base", "oracle": "oracle LoRA", "dlp": "DLP-LoRA"}
+    methods = [m for m in METHODS if m in data.get("decode_ratio_to_base", {})]
     header = ["task", "n", *(f"{titles[m]} EM %" for m in methods), "router acc %",
               *(f"{titles[m]} decode time" for m in methods)]
     rows = []

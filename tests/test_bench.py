@@ -19,12 +19,16 @@ from dlp_lora import bench
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _load_tables_script():
-    path = ROOT / "benchmarks" / "make_readme_tables.py"
-    spec = importlib.util.spec_from_file_location("make_readme_tables", path)
+def _load_script(name: str):
+    """benchmarks/<name>.py as a module (the benchmarks folder is scripts, not a package)."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def _load_tables_script():
+    return _load_script("make_readme_tables")
 
 
 @pytest.mark.slow
@@ -99,10 +103,7 @@ def test_readme_tables_ops_section_and_missing_markers(tmp_path, capsys):
 def test_layer_summary_drops_samples_and_adds_ratios(tmp_path):
     """summarize_layer.py keeps statistics, drops pytest-benchmark's samples and computes the ratios to
     the bare Linear and (MeteoRA forms) to DLP-LoRA with the same N; the README table shows them."""
-    spec = importlib.util.spec_from_file_location(
-        "summarize_layer", ROOT / "benchmarks" / "summarize_layer.py")
-    summarize_layer = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(summarize_layer)
+    summarize_layer = _load_script("summarize_layer")
 
     def case(variant, n, median):
         stats = {"median": median, "iqr": median / 10, "q1": median * 0.95, "q3": median * 1.05,
