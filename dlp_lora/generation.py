@@ -31,7 +31,13 @@ so far, routed afresh.
 
 Limitations: beam search reorders the cache behind the hook's back, so ``sentence`` rerouting
 follows rows, not beams (``prompt`` routing is unaffected: beams of one prompt share a mixture).
-Routing runs in Python before each forward: inside a captured CUDA graph it would not run.
+
+Compilation. Routing runs in Python before each forward (the hook is excluded from torch.compile),
+so compile the forward, not the routing: ``model.forward = torch.compile(model.forward, ...)``
+(fullgraph works), or generate() with a static cache, which compiles the model's call with
+mode="reduce-overhead" (CUDA graphs) by default on a GPU. The traced forward reads the
+RoutingState tensors as graph inputs, and the op runs as one registered node. A graph captured
+by hand with torch.cuda.graph() would not run the router at replay.
 """
 
 from __future__ import annotations
@@ -178,6 +184,10 @@ class SequenceRouting:
 
     # --- entry point (called by the pre-forward hook) ----------------------------------------------
 
+    # Always eager: routing reads token ids and the cache length on the host, so dynamo would break
+    # the graph here anyway. Under torch.compile(model) (e.g. generate()'s automatic compile with a
+    # static cache) the hook runs in Python and the traced forward reads the RoutingState it filled.
+    @torch.compiler.disable
     def pre_forward_hook(self, _model, args: tuple, kwargs: dict) -> None:
         """The top-level model's forward pre-hook (registered with_kwargs=True)."""
         inputs = kwargs if not args else self._signature.bind_partial(*args, **kwargs).arguments

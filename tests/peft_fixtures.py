@@ -154,3 +154,35 @@ def default_backend() -> str | None:
     ):
         return None
     return "reference"
+
+
+class CountingRouter:
+    """Router stand-in: probability of a task ~ 0.5 + how many of its words the text holds."""
+
+    def __init__(self, tokenizer, label_names=TASKS):
+        self.tokenizer = tokenizer
+        self.label_names = list(label_names)
+        self.word_ids = [set(tokenizer.convert_tokens_to_ids(TASK_WORDS[t])) for t in self.label_names]
+        self.calls: list[list[list[int]]] = []  # the real tokens of every routed row
+
+    def probs(self, input_ids, attention_mask=None):
+        rows = [
+            [t for t, m in zip(ids, mask, strict=True) if m]
+            for ids, mask in zip(input_ids.tolist(), attention_mask.tolist(), strict=True)
+        ]
+        self.calls.append(rows)
+        counts = torch.tensor([[sum(t in words for t in row) for words in self.word_ids] for row in rows])
+        return (counts + 0.5) / (counts + 0.5).sum(-1, keepdim=True)
+
+    def route(self, input_ids, attention_mask=None, *, top_p=0.6, max_loras=None):
+        from dlp_lora.routing import route_top_p
+
+        return route_top_p(self.probs(input_ids, attention_mask), top_p, max_loras)
+
+    def mixture(self, tokens: list[int], top_p: float) -> dict[str, float]:
+        ids, weights = self.route(torch.tensor([tokens]), torch.ones(1, len(tokens)), top_p=top_p)
+        return {
+            self.label_names[i]: w
+            for i, w in zip(ids[0].tolist(), weights[0].tolist(), strict=True)
+            if i >= 0
+        }

@@ -60,7 +60,7 @@ def assert_close_to(actual, expected):
 
 def run_form(form, backend, y, x, stack, lora_ids, weights):
     if form == "op":
-        apply_segmented_op(y, x, stack, lora_ids, weights, kernel=ops.get_kernel(backend))
+        apply_segmented_op(y, x, stack, lora_ids, weights, backend=backend)
     else:
         FORMS[form](y, x, stack, lora_ids, weights)
 

@@ -10,8 +10,8 @@ from __future__ import annotations
 import pytest
 import torch
 from peft_fixtures import (
-    TASK_WORDS,
     TASKS,
+    CountingRouter,
     default_backend,
     left_pad,
     make_adapter,
@@ -23,41 +23,10 @@ from transformers import LogitsProcessor, LogitsProcessorList
 
 from dlp_lora import LoRABank, Router, patch_model, use_mixture
 from dlp_lora.generation import sentence_end_ids
-from dlp_lora.routing import route_top_p
 
 BACKEND = default_backend()
 ATOL = 1e-5
 TOP_P = 0.9  # the counting router's probabilities then often keep two adapters: weights matter
-
-
-class CountingRouter:
-    """Router stand-in: probability of a task ~ 0.5 + how many of its words the text holds."""
-
-    def __init__(self, tokenizer, label_names=TASKS):
-        self.tokenizer = tokenizer
-        self.label_names = list(label_names)
-        self.word_ids = [set(tokenizer.convert_tokens_to_ids(TASK_WORDS[t])) for t in self.label_names]
-        self.calls: list[list[list[int]]] = []  # the real tokens of every routed row
-
-    def probs(self, input_ids, attention_mask=None):
-        rows = [
-            [t for t, m in zip(ids, mask, strict=True) if m]
-            for ids, mask in zip(input_ids.tolist(), attention_mask.tolist(), strict=True)
-        ]
-        self.calls.append(rows)
-        counts = torch.tensor([[sum(t in words for t in row) for words in self.word_ids] for row in rows])
-        return (counts + 0.5) / (counts + 0.5).sum(-1, keepdim=True)
-
-    def route(self, input_ids, attention_mask=None, *, top_p=0.6, max_loras=None):
-        return route_top_p(self.probs(input_ids, attention_mask), top_p, max_loras)
-
-    def mixture(self, tokens: list[int]) -> dict[str, float]:
-        ids, weights = self.route(torch.tensor([tokens]), torch.ones(1, len(tokens)), top_p=TOP_P)
-        return {
-            self.label_names[i]: w
-            for i, w in zip(ids[0].tolist(), weights[0].tolist(), strict=True)
-            if i >= 0
-        }
 
 
 class ForceTokens(LogitsProcessor):
@@ -169,7 +138,7 @@ def test_prompt_routing_with_padding_equals_alone(task_adapters, tok):
     ]  # prompt mode never reroutes while decoding, though "." was generated
     assert [_top(r) for r in log] == ["alpha", "beta", "gamma"]
     for b, prompt in enumerate(prompts):
-        expected = router.mixture(prompt)
+        expected = router.mixture(prompt, TOP_P)
         record = log[b]
         assert dict(zip(record.adapters, record.weights, strict=True)) == pytest.approx(expected)
         alone = _generate(model, torch.tensor([prompt]), None, [forced[b]])
@@ -191,7 +160,8 @@ def test_sentence_spans_in_the_prompt(task_adapters, tok):
         (0, s, "sentence") for s, _ in spans
     ]
     assert [_top(r) for r in model.dlp_routing_log] == ["alpha", "beta", "beta"]
-    reference = _chunked_logits(model, prompt, [(start, router.mixture(history)) for start, history in spans])
+    pieces = [(start, router.mixture(history, TOP_P)) for start, history in spans]
+    reference = _chunked_logits(model, prompt, pieces)
     torch.testing.assert_close(logits, reference, atol=ATOL, rtol=0)
 
 
@@ -224,7 +194,10 @@ def test_sentence_rerouting_while_decoding(task_adapters, tok, label_order):
         torch.testing.assert_close(batch_logits[b], alone[0], atol=ATOL, rtol=0)
         sequence = prompt + tokens[:-1]
         boundary = next(r.position for r in log if r.sequence == b and r.step > 0)
-        pieces = [(0, router.mixture(prompt)), (boundary, router.mixture(sequence[: boundary + 1]))]
+        pieces = [
+            (0, router.mixture(prompt, TOP_P)),
+            (boundary, router.mixture(sequence[: boundary + 1], TOP_P)),
+        ]
         reference = _chunked_logits(model, sequence, pieces)
         torch.testing.assert_close(alone[0], reference[len(prompt) - 1 :], atol=ATOL, rtol=0)
 

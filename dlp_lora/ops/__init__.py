@@ -30,7 +30,7 @@ from .validate import MultiLoRAArgumentError, check_multi_lora_args, check_routi
 
 __all__ = [
     "BACKENDS", "MultiLoRAArgumentError", "available_backends", "check_multi_lora_args",
-    "check_routing_values", "get_kernel", "multi_lora", "multi_lora_delta", "multi_lora_reference",
+    "check_routing_values", "get_kernel", "launch", "multi_lora", "multi_lora_delta", "multi_lora_reference",
     "resolve_backend", "extension_error",
 ]
 
@@ -123,6 +123,21 @@ def _multi_lora_op(y: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_
 @_multi_lora_op.register_fake
 def _(y, x, lora_a, lora_b, seg_indptr, lora_ids, lora_weights, backend):
     return None
+
+
+def launch(kernel: Kernel, backend: str, y: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor,
+           lora_b: torch.Tensor, seg_indptr: torch.Tensor, lora_ids: torch.Tensor,
+           lora_weights: torch.Tensor) -> None:
+    """Run a resolved raw kernel (``get_kernel(backend)``), unvalidated, in place on y.
+
+    While torch.compile traces, the registered op ``torch.ops.dlp_lora.multi_lora`` runs instead:
+    dynamo captures it as one opaque node, whatever the backend (it cannot trace into a compiled
+    extension's binding or a Triton launcher's host code), and CUDA graphs replay its kernels.
+    """
+    if torch.compiler.is_compiling():
+        torch.ops.dlp_lora.multi_lora(y, x, lora_a, lora_b, seg_indptr, lora_ids, lora_weights, backend)
+    else:
+        kernel(y, x, lora_a, lora_b, seg_indptr, lora_ids, lora_weights)
 
 
 def multi_lora(
