@@ -81,7 +81,9 @@ def render_e2e(path: Path) -> str:
         f"{cfg['prompt_len']}-token prompt, {cfg['new_tokens']} new tokens, r={cfg['rank']} on "
         f"{len(cfg['target_modules'])} projections; DLP-LoRA top_p={cfg['top_p']}, "
         f"max_loras={cfg['max_loras']}; "
-        f"median of {cfg['reps']} interleaved rounds [IQR]. Ratios: median over rounds of the paired ratio.",
+        f"median of {cfg['reps']} interleaved rounds [IQR]. Ratios: median over rounds of the paired ratio."
+        + (" **Compiled**: every variant decodes with a static KV cache and generate()'s automatic "
+           "torch.compile (inductor, mode reduce-overhead)." if cfg.get("compile") else ""),
         "",
         _provenance(result, path),
         "",

@@ -31,6 +31,9 @@ What one run does (every number it reports comes from this run):
 * reports medians and interquartile ranges, and ratios to ``base`` and to ``peft_single`` as the
   median over rounds of the paired ratio (same round, so load drift cancels); the goals of
   issue 4 are checked on those ratios (the MeteoRA one on the ratio of median decode times);
+* with ``--compile``: every variant generates with a static KV cache and transformers' automatic
+  torch.compile of the decode steps (inductor; mode="reduce-overhead", i.e. CUDA graphs on a GPU);
+  the warm-up compiles, and the prefill runs eager as transformers does;
 * optional scaling sweep (``--full`` or ``--scaling``): N in {1,10,26,50,100} x K in {1..4}
   adapters per sequence through ``use_mixture`` at batch 1, plus MeteoRA (op form) per N,
   plotted as time ratio to base against N (PNG).
@@ -118,6 +121,7 @@ class BenchSettings:
     scaling_ks: tuple[int, ...] = (1, 2, 3, 4)
     scaling_new_tokens: int = 16
     scaling_reps: int = 3
+    compile: bool = False
     seed: int = 0
     model: ModelShape = field(default_factory=lambda: CPU_MODEL)
 
@@ -307,15 +311,36 @@ class StepClock:
         return scores
 
 
-def time_generate(variant: Variant, input_ids: torch.Tensor, new_tokens: int) -> dict:
-    """One greedy generate(); returns prefill seconds and decode seconds per step."""
+def generate_options(settings: BenchSettings) -> dict:
+    """generate() arguments shared by every variant: with ``compile``, a static KV cache and
+    transformers' automatic torch.compile of the decode steps (its CompileConfig defaults: inductor,
+    mode="reduce-overhead", which is CUDA graphs on a GPU; the prefill runs eager)."""
+    if not settings.compile:
+        return {}
+    from transformers import CompileConfig
+
+    config = CompileConfig()
+    config._compile_all_devices = True  # transformers compiles only on accelerators unless told
+    # Every variant is its own module tree: each adds guards on the same code objects, beyond
+    # dynamo's default of 8 entries, after which it would silently run the rest eager.
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 256)
+    torch._dynamo.config.accumulated_recompile_limit = max(
+        torch._dynamo.config.accumulated_recompile_limit, 4096)
+    return {"cache_implementation": "static", "compile_config": config}
+
+
+def time_generate(variant: Variant, input_ids: torch.Tensor, new_tokens: int,
+                  options: dict | None = None) -> dict:
+    """One greedy generate() (``options``: extra generate() arguments); returns prefill seconds and
+    decode seconds per step."""
     from transformers import LogitsProcessorList
 
     batch = input_ids.shape[0]
     clock = StepClock(input_ids.device)
     kwargs = dict(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=new_tokens,
                   min_new_tokens=new_tokens, do_sample=False, pad_token_id=0,
-                  logits_processor=LogitsProcessorList([clock]), **variant.generate_kwargs(batch))
+                  logits_processor=LogitsProcessorList([clock]), **(options or {}),
+                  **variant.generate_kwargs(batch))
     with torch.inference_mode(), variant.context(batch):
         start = clock.now()
         variant.model.generate(**kwargs)
@@ -333,16 +358,21 @@ def time_generate(variant: Variant, input_ids: torch.Tensor, new_tokens: int) ->
 
 
 def run_interleaved(variants: Sequence[Variant], input_ids: torch.Tensor, *, new_tokens: int, reps: int,
-                    warmup_tokens: int, progress) -> dict[str, list[dict]]:
-    """Warm every variant up, then ``reps`` rounds over all variants (order rotated per round)."""
+                    warmup_tokens: int, progress, options: dict | None = None) -> dict[str, list[dict]]:
+    """Warm every variant up, then ``reps`` rounds over all variants (order rotated per round).
+
+    With a static cache (``options``), the warm-up generates ``new_tokens`` too: the cache length
+    is part of the compiled graphs' shapes, so a shorter warm-up would leave the compile to round 1.
+    """
+    warmup = new_tokens if options and options.get("cache_implementation") else max(warmup_tokens, 2)
     for v in variants:
-        time_generate(v, input_ids, max(warmup_tokens, 2))
+        time_generate(v, input_ids, warmup, options)
         progress.update(1)
     samples: dict[str, list[dict]] = {v.name: [] for v in variants}
     for rep in range(reps):
         shift = rep % len(variants)
         for v in list(variants[shift:]) + list(variants[:shift]):
-            samples[v.name].append(time_generate(v, input_ids, new_tokens))
+            samples[v.name].append(time_generate(v, input_ids, new_tokens, options))
             progress.update(1)
     return samples
 
@@ -426,7 +456,8 @@ def run_e2e(base, banks: dict, adapter_dirs, settings: BenchSettings, progress) 
         prompts = random_prompts(batch, settings, base.config.vocab_size)
         progress.set_description(f"e2e batch {batch}")
         samples = run_interleaved(active, prompts, new_tokens=settings.new_tokens, reps=settings.reps,
-                                  warmup_tokens=settings.warmup_tokens, progress=progress)
+                                  warmup_tokens=settings.warmup_tokens, progress=progress,
+                                  options=generate_options(settings))
         batch_rows = summarize(active, samples, batch, references=("base", "peft_single"))
         for row, v in zip(batch_rows, active, strict=True):
             if v.family == "dlp":
@@ -448,7 +479,7 @@ def run_scaling(base, banks: dict, settings: BenchSettings, progress) -> list[di
         variants.append(meteora_variant(base, banks[n], n, "op", settings.seed))
         samples = run_interleaved(variants, prompts, new_tokens=settings.scaling_new_tokens,
                                   reps=settings.scaling_reps, warmup_tokens=settings.warmup_tokens,
-                                  progress=progress)
+                                  progress=progress, options=generate_options(settings))
         rows += [dict(row, n_adapters=n) for row in summarize(variants, samples, 1, references=("base",))]
     return rows
 
@@ -552,6 +583,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         help="bank sizes N of the scaling sweep (default 1 10 26 50 100)")
     parser.add_argument("--cache-dir", type=Path, default=Path(tempfile.gettempdir()) / "dlp_lora_bench",
                         help="where the random PEFT adapters are written once and reused")
+    parser.add_argument("--compile", action="store_true", default=None,
+                        help="every variant generates with a static KV cache and transformers' automatic "
+                             "torch.compile of the decode steps (inductor, mode='reduce-overhead': CUDA "
+                             "graphs on a GPU); the first generate() of each variant compiles")
     parser.add_argument("--profile", metavar="VARIANT", default=None,
                         help="instead of benchmarking, profile one variant (e.g. dlp_N26, base) at batch "
                              "--batch-sizes[0] with torch.profiler and print the top operators")
@@ -572,7 +607,7 @@ def settings_from_args(args: argparse.Namespace) -> BenchSettings:
     overrides = {"reps": args.reps, "new_tokens": args.new_tokens, "scaling": args.scaling,
                  "batch_sizes": tuple(args.batch_sizes) if args.batch_sizes else None,
                  "adapter_counts": tuple(args.adapters) if args.adapters else None,
-                 "meteora_forms": tuple(args.forms) if args.forms else None,
+                 "meteora_forms": tuple(args.forms) if args.forms else None, "compile": args.compile,
                  "scaling_adapter_counts": tuple(args.scaling_adapters) if args.scaling_adapters else None}
     changed = {k: v for k, v in overrides.items() if v is not None and preset.get(k) != v}
     if changed:  # result files and README tables must not call an edited run by a preset's name
@@ -631,6 +666,9 @@ def run(args: argparse.Namespace) -> dict:
                               "(untrained) weights, top_p and max_loras as above, routed once per prompt "
                               f"(reroute={settings.reroute!r}); scaling sweep: use_mixture with K adapters",
                    "meteora": "one random gate Linear(d_in, N) per module, top-2, softmax(top2 / 1.0)",
+                   "generation": ("static KV cache; decode steps compiled by transformers' automatic "
+                                  "torch.compile (CompileConfig defaults: inductor, reduce-overhead)"
+                                  if settings.compile else "dynamic KV cache, eager"),
                    "timing": "decode time per token = median of the intervals between generation steps "
                              "of one generate() (decode_mean_ms_per_token: their mean); ratios = median "
                              "over rounds of the paired ratio within a round"},
@@ -693,12 +731,13 @@ def profile_variant(name: str, base, banks, adapter_dirs, settings: BenchSetting
     if name not in variants:
         raise SystemExit(f"--profile: unknown variant {name!r}; choose from {sorted(variants)}")
     prompts = random_prompts(settings.batch_sizes[0], settings, base.config.vocab_size)
-    time_generate(variants[name], prompts, 4)
+    options = generate_options(settings)
+    time_generate(variants[name], prompts, settings.new_tokens if options else 4, options)
     activities = [ProfilerActivity.CPU]
     if settings.device.startswith("cuda"):
         activities.append(ProfilerActivity.CUDA)
     with profile(activities=activities) as prof:
-        timing = time_generate(variants[name], prompts, settings.new_tokens)
+        timing = time_generate(variants[name], prompts, settings.new_tokens, options)
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25))
     print(f"{name}: decode {timing['decode_s'] * 1e3:.2f} ms/token (under the profiler)")
     return {"profile": name, **timing}

@@ -127,3 +127,25 @@ def test_layer_summary_drops_samples_and_adds_ratios(tmp_path):
     text = _load_tables_script().render_layer(path)
     assert "| up decode_b1 | meteora_op | 100 | 450.0 [45.0] | 2.25 | 1.50 |" in text
     assert "some cpu" in text
+
+
+@pytest.mark.slow
+def test_compile_option_times_compiled_decode(tmp_path):
+    """--compile: generate() gets a static cache and a CompileConfig, and the timed decode is compiled."""
+    import torch
+
+    settings = bench.BenchSettings(model=bench.TINY_MODEL, compile=True)
+    base = bench.build_base_model(settings.model, device="cpu", dtype=torch.float32, seed=0)
+    dirs = bench.ensure_peft_adapters(base, settings.model, 4, rank=4, alpha=8, seed=0, cache_dir=tmp_path)
+    banks = bench.load_banks([4], dirs, torch.float32, "cpu")
+    variant = bench.mixture_variant(base, banks[4], 4, 2)
+    options = bench.generate_options(settings)
+    assert options["cache_implementation"] == "static" and options["compile_config"]._compile_all_devices
+    ids = bench.random_prompts(2, settings, settings.model.vocab_size)[:, :12]
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    timing = bench.time_generate(variant, ids, 4, options)
+    assert timing["decode_s"] > 0 and timing["prefill_s"] > 0
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1, "nothing was compiled"
+    assert bench.generate_options(bench.BenchSettings()) == {}
+    torch._dynamo.reset()
