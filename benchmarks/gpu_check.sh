@@ -6,10 +6,16 @@
 # Steps (each under its own `timeout`; a failed step is reported and the next one still runs):
 #   1. build   pip install --no-build-isolation --no-deps -e . with the CUDA kernel (DLP_LORA_CUDA=1)
 #   2. tests   pytest tests/test_ops_gpu.py tests/test_ops_reference.py (triton + cuda vs float64 oracle)
-#   3. bench   benchmarks/gpu_ops.py -> benchmarks/results/gpu_ops_<gpu>.json + a table
-#   4. e2e     python3 -m dlp_lora.cli bench --device cuda, only if that command exists
-# The steps share BUDGET_S (default 450 s; < 8 minutes with the probes between them): each
-# step's limit is cut to the time left. Logs and result files are copied to $OUT when it is set.
+#              and the patched model's generate() under CUDA graphs (tests/test_compile.py)
+#   3. e2e     dlp-lora bench --device cuda: ~1.1B Llama in bf16, eager, batch 1 and 8, N 26 and 100
+#              -> benchmarks/results/e2e_<gpu>.json (issue 4's GPU goals: <= 1.15x / 1.2x base)
+#   4. e2e-compile  the same model, batch 1, with generate()'s automatic torch.compile
+#              (reduce-overhead = CUDA graphs): base, DLP-LoRA N=26/100, MeteoRA op form
+#              -> benchmarks/results/e2e_<gpu>_compile.json
+#   5. bench   benchmarks/gpu_ops.py -> benchmarks/results/gpu_ops_<gpu>.json + a table
+# Ordered by what matters most; the steps share BUDGET_S (default 470 s; < 8 minutes with the
+# probes between them): each step's limit is cut to the time left, and a step with under 15 s
+# left is skipped. Logs and result files are copied to $OUT when it is set.
 # Exit status: 0 when every step passed, else 1 (the summary names the failed steps).
 # Environment: OUT (log/result folder), BUDGET_S, PYTHON (default python3), TORCH_CUDA_ARCH_LIST
 # (default 9.0), SKIP_BUILD=1 (use the installed build; for dry runs of this script).
@@ -17,12 +23,14 @@
 set -u
 cd "$(dirname "$0")/.."
 
-BUDGET_S=${BUDGET_S:-450}
+BUDGET_S=${BUDGET_S:-470}
 START=$(date +%s)
 PY=${PYTHON:-python3}
-LOG_DIR=${OUT:-benchmarks/results/gpu_check_logs}
+# The device tool returns at most 8 files from $OUT: the main log (every step's output) and the
+# result files go there; the per-step logs stay on the machine.
+LOG_DIR=benchmarks/results/gpu_check_logs
 mkdir -p "$LOG_DIR" benchmarks/results
-LOG="$LOG_DIR/gpu_check.log"
+LOG="${OUT:-$LOG_DIR}/gpu_check.log"
 : > "$LOG"
 FAILED=()
 PASSED=()
@@ -94,26 +102,28 @@ fi
 $PY -c "from dlp_lora import ops; print('available backends on cuda:', ops.available_backends('cuda'))" 2>&1 \
     | tee -a "$LOG"
 
-# 2. GPU tests (+ the backend-independent oracle tests).
-step tests 180 $PY -m pytest -q -p no:cacheprovider -rs --durations=10 \
-    tests/test_ops_gpu.py tests/test_ops_reference.py
+GPU_SLUG=$($PY -c "import sys; sys.path.insert(0, 'benchmarks'); import gpu_ops; print(gpu_ops.gpu_slug())" 2>/dev/null || echo unknown_gpu)
 
-# 3. Microbenchmark: triton / cuda vs torch compositions, GB/s against the copy bandwidth.
-step bench 150 $PY benchmarks/gpu_ops.py
+# 2. GPU tests (+ the backend-independent oracle tests, + generate() under CUDA graphs).
+step tests 150 $PY -m pytest -q -p no:cacheprovider -rs --durations=10 \
+    tests/test_ops_gpu.py tests/test_ops_reference.py tests/test_compile.py::test_generate_cuda_graphs_match_eager
 
-# 4. End-to-end decode benchmark, when the benchmarks module provides it.
-if $PY -c "import dlp_lora.cli" > /dev/null 2>&1 \
-        && $PY -m dlp_lora.cli bench --help 2>/dev/null | grep -q -- "--device"; then
-    GPU_SLUG=$($PY -c "import sys; sys.path.insert(0, 'benchmarks'); import gpu_ops; print(gpu_ops.gpu_slug())" 2>/dev/null || echo unknown_gpu)
-    step e2e 240 $PY -m dlp_lora.cli bench --device cuda --out "benchmarks/results/e2e_${GPU_SLUG}.json"
-else
-    say "=== [e2e] not run: python3 -m dlp_lora.cli bench --device is not available in this checkout"
-fi
+BENCH=($PY -m dlp_lora.cli bench --device cuda --new-tokens 32 --reps 3)
+
+# 3. End-to-end decode, eager: every variant, batch 1 and 8, N = 26 and 100.
+step e2e 150 "${BENCH[@]}" --adapters 26 100 --forms bmm op --out "benchmarks/results/e2e_${GPU_SLUG}.json"
+
+# 4. End-to-end decode, compiled (CUDA graphs), batch 1; each variant compiles once in its warm-up.
+step e2e-compile 200 "${BENCH[@]}" --compile --batch-sizes 1 --adapters 26 100 --forms op \
+    --variants 'dlp_N*' meteora_op_N26 --out "benchmarks/results/e2e_${GPU_SLUG}_compile.json"
+
+# 5. Microbenchmark: triton / cuda vs torch compositions, GB/s against the copy bandwidth.
+step bench 120 $PY benchmarks/gpu_ops.py
 
 # Results travel back through $OUT.
 if [[ -n "${OUT:-}" ]]; then
-    cp -v benchmarks/results/gpu_ops_*.json benchmarks/results/e2e_*.json benchmarks/results/e2e_*.png \
-        "$OUT"/ 2>/dev/null | tee -a "$LOG"
+    cp -v benchmarks/results/gpu_ops_"${GPU_SLUG}".json benchmarks/results/e2e_"${GPU_SLUG}"*.json \
+        benchmarks/results/e2e_"${GPU_SLUG}"*.png "$OUT"/ 2>/dev/null | tee -a "$LOG"
 fi
 
 say "=== summary after $(($(date +%s) - START))s: passed: ${PASSED[*]:-none}; failed: ${FAILED[*]:-none}"

@@ -50,6 +50,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import fnmatch
 import hashlib
 import itertools
 import json
@@ -122,6 +123,7 @@ class BenchSettings:
     scaling_new_tokens: int = 16
     scaling_reps: int = 3
     compile: bool = False
+    variants: tuple[str, ...] | None = None  # fnmatch patterns of the variants to run; base always runs
     seed: int = 0
     model: ModelShape = field(default_factory=lambda: CPU_MODEL)
 
@@ -450,6 +452,9 @@ def run_e2e(base, banks: dict, adapter_dirs, settings: BenchSettings, progress) 
         variants.append(dlp_router_variant(base, banks[n], settings, n))
         variants += [meteora_variant(base, banks[n], n, form, settings.seed)
                      for form in settings.meteora_forms]
+    if settings.variants:
+        variants = [v for v in variants if v.name == "base"
+                    or any(fnmatch.fnmatchcase(v.name, pattern) for pattern in settings.variants)]
     rows = []
     for batch in settings.batch_sizes:
         active = [v for v in variants if v.batch_sizes is None or batch in v.batch_sizes]
@@ -587,6 +592,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         help="every variant generates with a static KV cache and transformers' automatic "
                              "torch.compile of the decode steps (inductor, mode='reduce-overhead': CUDA "
                              "graphs on a GPU); the first generate() of each variant compiles")
+    parser.add_argument("--variants", nargs="+", default=None, metavar="PATTERN",
+                        help="run only the variants matching these fnmatch patterns (e.g. 'dlp_N*' "
+                             "'meteora_op_*'); base always runs (the ratios need it)")
     parser.add_argument("--profile", metavar="VARIANT", default=None,
                         help="instead of benchmarking, profile one variant (e.g. dlp_N26, base) at batch "
                              "--batch-sizes[0] with torch.profiler and print the top operators")
@@ -608,6 +616,7 @@ def settings_from_args(args: argparse.Namespace) -> BenchSettings:
                  "batch_sizes": tuple(args.batch_sizes) if args.batch_sizes else None,
                  "adapter_counts": tuple(args.adapters) if args.adapters else None,
                  "meteora_forms": tuple(args.forms) if args.forms else None, "compile": args.compile,
+                 "variants": tuple(args.variants) if args.variants else None,
                  "scaling_adapter_counts": tuple(args.scaling_adapters) if args.scaling_adapters else None}
     changed = {k: v for k, v in overrides.items() if v is not None and preset.get(k) != v}
     if changed:  # result files and README tables must not call an edited run by a preset's name

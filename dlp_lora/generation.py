@@ -87,7 +87,8 @@ class RoutingState:
     row per sequence (e.g. lm_head with logits_to_keep=1): each sequence's current mixture.
     active is False when no row has an adapter: patched modules then skip the op entirely,
     so an empty mixture is exactly the base model. fast is True when the raw kernel may update
-    a module's output in place: no autograd, no autocast, not tracing with torch.compile.
+    a module's output in place: no autograd, no autocast (a forward traced by torch.compile takes
+    the registered op instead, see dlp_lora.patch; this hook itself always runs eager).
     """
 
     __slots__ = (
@@ -213,9 +214,7 @@ class SequenceRouting:
         prefill = past_length(cache) == 0
         # Which tokens are real: from the prompt's mask at prefill; tokens fed while decoding are all real.
         attention_mask = token_mask(attention_mask, L) if prefill else None
-        self.state.fast = not (
-            torch.is_grad_enabled() or torch.is_autocast_enabled(device.type) or torch.compiler.is_compiling()
-        )
+        self.state.fast = not (torch.is_grad_enabled() or torch.is_autocast_enabled(device.type))
         if prefill:
             _check_not_empty(L, attention_mask)
             self._step = 0

@@ -8,6 +8,7 @@ benchmarks/make_readme_tables.py puts the tables between the markers and nowhere
 
 from __future__ import annotations
 
+import argparse
 import importlib.util
 import json
 from pathlib import Path
@@ -149,3 +150,12 @@ def test_compile_option_times_compiled_decode(tmp_path):
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1, "nothing was compiled"
     assert bench.generate_options(bench.BenchSettings()) == {}
     torch._dynamo.reset()
+
+
+def test_variants_filter_keeps_base(tmp_path):
+    """--variants runs only the matching variants, plus base (every ratio needs it)."""
+    argv = ["--model", "tiny", "--device", "cpu", "--reps", "1", "--new-tokens", "2", "--batch-sizes", "1",
+            "--adapters", "3", "--variants", "dlp_N*", "meteora_op_*", "--cache-dir", str(tmp_path)]
+    result = bench.run(bench.add_arguments(argparse.ArgumentParser()).parse_args(argv))
+    assert [r["variant"] for r in result["e2e"]] == ["base", "dlp_N3", "meteora_op_N3"]
+    assert "variants=('dlp_N*', 'meteora_op_*')" in result["config"]["preset"]

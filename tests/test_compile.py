@@ -76,11 +76,18 @@ def _assert_same(compiled, eager):
     torch.testing.assert_close(compiled[1], eager[1], atol=ATOL, rtol=0)
 
 
-@pytest.mark.parametrize("compiler", ["aot_eager", pytest.param("inductor", marks=pytest.mark.slow)])
-def test_compiled_forward_matches_eager(base_and_bank, tok, prompts, compiler):
+@pytest.mark.parametrize(
+    "compiler, backend",
+    [
+        ("aot_eager", BACKEND),  # the compiled extension's C++ op (cpp), once it is built
+        ("aot_eager", "reference"),  # the Python-registered op, as for triton
+        pytest.param("inductor", BACKEND, marks=pytest.mark.slow),
+    ],
+)
+def test_compiled_forward_matches_eager(base_and_bank, tok, prompts, compiler, backend):
     base, bank = base_and_bank
     model = patch_model(copy.deepcopy(base), bank, CountingRouter(tok), top_p=TOP_P, reroute="sentence",
-                        backend=BACKEND)
+                        backend=backend)
     mixtures = [[{"alpha": 0.7, "gamma": 0.3}, {"beta": 1.0, "alpha": -0.5}],
                 [{"gamma": 1.5, "beta": 0.25}, {"alpha": 0.2, "gamma": 0.8}]]  # same K = 2, other values
     eager_routed = _generate(model, prompts)

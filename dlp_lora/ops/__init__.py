@@ -130,14 +130,19 @@ def launch(kernel: Kernel, backend: str, y: torch.Tensor, x: torch.Tensor, lora_
            lora_weights: torch.Tensor) -> None:
     """Run a resolved raw kernel (``get_kernel(backend)``), unvalidated, in place on y.
 
-    While torch.compile traces, the registered op ``torch.ops.dlp_lora.multi_lora`` runs instead:
-    dynamo captures it as one opaque node, whatever the backend (it cannot trace into a compiled
-    extension's binding or a Triton launcher's host code), and CUDA graphs replay its kernels.
+    While torch.compile traces, a registered op runs instead, which dynamo captures as one opaque
+    node (it cannot trace a Triton launcher's host code) and CUDA graphs replay: for ``cpp`` and
+    ``cuda`` the extension's C++ op itself (``torch.ops.dlp_lora_C.multi_lora``, fake impl in
+    _fake.py), else ``torch.ops.dlp_lora.multi_lora``. Measured on CPU (1 thread, d=1024, one
+    decode row): the Python-defined custom op costs ~100 us a call in dispatch, the C++ op ~20 us,
+    which over 56 patched modules was 1.2x against 1.04x base decode time.
     """
-    if torch.compiler.is_compiling():
-        torch.ops.dlp_lora.multi_lora(y, x, lora_a, lora_b, seg_indptr, lora_ids, lora_weights, backend)
-    else:
+    if not torch.compiler.is_compiling():
         kernel(y, x, lora_a, lora_b, seg_indptr, lora_ids, lora_weights)
+    elif backend in ("cpp", "cuda"):
+        torch.ops.dlp_lora_C.multi_lora(y, x, lora_a, lora_b, seg_indptr, lora_ids, lora_weights)
+    else:
+        torch.ops.dlp_lora.multi_lora(y, x, lora_a, lora_b, seg_indptr, lora_ids, lora_weights, backend)
 
 
 def multi_lora(
