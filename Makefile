@@ -15,7 +15,8 @@ EXT_STAMP   := $(VENV)/.dlp-ext-built
 CSRC        := $(wildcard csrc/*.cpp csrc/*.h csrc/*.cu csrc/*.cuh) setup.py
 PYTEST      := $(PY) -m pytest
 
-.PHONY: all venv build test test-fast demo bench bench-ops bench-layer bench-e2e check-cuda lint readme-tables clean
+.PHONY: all venv build test test-fast demo bench bench-ops bench-layer bench-e2e bench-e2e-compile check-cuda \
+	lint readme-tables clean
 
 all: build
 
@@ -46,7 +47,7 @@ test-fast: build
 demo: build
 	$(PY) -m dlp_lora.demo
 
-bench: bench-ops bench-layer bench-e2e readme-tables
+bench: bench-ops bench-layer bench-e2e bench-e2e-compile readme-tables
 
 bench-ops: build
 	$(PYTEST) benchmarks/bench_ops.py --benchmark-enable --benchmark-only \
@@ -62,6 +63,11 @@ bench-layer: build
 # One torch thread: on a shared 2-core machine, OpenMP barriers wait on descheduled threads.
 bench-e2e: build
 	$(PY) -m dlp_lora.cli bench --full --threads 1 --out benchmarks/results/e2e_cpu.json
+
+# The same model decoded through generate()'s automatic torch.compile (~15 min, most of it compiling).
+bench-e2e-compile: build
+	$(PY) -m dlp_lora.cli bench --compile --threads 1 --adapters 26 100 --forms bmm op --reps 5 \
+		--new-tokens 32 --out benchmarks/results/e2e_cpu_compile.json
 
 readme-tables: build
 	$(PY) benchmarks/make_readme_tables.py

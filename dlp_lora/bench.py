@@ -22,7 +22,8 @@ What one run does (every number it reports comes from this run):
   adapter per sequence, batch > 1 only); for every N, DLP-LoRA as ``dlp_N`` (patch_model, every
   sequence its own mixture of K=3 adapters through use_mixture) and ``dlp_router_N`` (patch_model
   with a Router, top_p=0.6, max_loras=3), and ``meteora_{loop,bmm,op}_N`` (dlp_lora.baselines,
-  top-2 token gating);
+  top-2 token gating); on a GPU with both kernels, ``dlp_cuda_N`` too (``dlp_N`` with the compiled
+  CUDA kernel instead of the automatic Triton one);
 * greedy ``generate()`` of ``new_tokens`` tokens after a ``prompt_len``-token random prompt, every
   sequence of a batch its own prompt (so its own mixture); one warm-up per variant, then
   ``reps`` rounds that visit every variant once (round-robin, the order rotated each round);
@@ -263,16 +264,18 @@ def dlp_router_variant(base: nn.Module, bank, settings: BenchSettings, n: int) -
     return Variant(f"dlp_router_N{n}", "dlp", model, n_adapters=n, k=min(settings.max_loras, n))
 
 
-def mixture_variant(base: nn.Module, bank, n: int, k: int, name: str | None = None) -> Variant:
+def mixture_variant(base: nn.Module, bank, n: int, k: int, name: str | None = None,
+                    backend: str | None = None) -> Variant:
     """DLP-LoRA with K adapters per sequence given through use_mixture (the router bypassed).
 
     Sequence i mixes adapters i*k .. i*k+k-1 (mod N) with weights proportional to 1, 1/2, 1/4...
     (a router-like, decreasing mixture), so a batch of 8 at N >= 24 has 8 disjoint mixtures.
+    backend: the op backend (default: automatic, triton on a GPU).
     """
     from .patch import patch_model, use_mixture
 
     names = list(bank.names)
-    model = patch_model(shared_copy(base), bank)
+    model = patch_model(shared_copy(base), bank, backend=backend)
     raw = [2.0 ** -j for j in range(k)]
     weights = [w / sum(raw) for w in raw]
 
@@ -442,6 +445,15 @@ def used_mixtures(variant: Variant) -> list[dict]:
             for rec in sorted(log, key=lambda rec: rec.sequence) if rec.step == 0]
 
 
+def _second_gpu_backend(device: str) -> bool:
+    """True on a GPU where the automatic backend is triton and the cuda kernel is built too."""
+    from . import ops
+
+    if not device.startswith("cuda"):
+        return False
+    return ops.resolve_backend(torch.device(device)) == "triton" and "cuda" in ops.available_backends(device)
+
+
 def run_e2e(base, banks: dict, adapter_dirs, settings: BenchSettings, progress) -> list[dict]:
     """The main table: every variant, every batch size, ratios to base and peft_single."""
     variants = [Variant("base", "base", base)]
@@ -449,6 +461,10 @@ def run_e2e(base, banks: dict, adapter_dirs, settings: BenchSettings, progress) 
     for n in settings.adapter_counts:
         k = min(settings.max_loras, n)
         variants.append(mixture_variant(base, banks[n], n, k, name=f"dlp_N{n}"))
+        if _second_gpu_backend(settings.device):
+            # The automatic choice on a GPU is triton; the compiled CUDA kernel launches from C++
+            # (no Python launcher), which may matter in eager decode: time both.
+            variants.append(mixture_variant(base, banks[n], n, k, name=f"dlp_cuda_N{n}", backend="cuda"))
         variants.append(dlp_router_variant(base, banks[n], settings, n))
         variants += [meteora_variant(base, banks[n], n, form, settings.seed)
                      for form in settings.meteora_forms]
@@ -737,6 +753,9 @@ def profile_variant(name: str, base, banks, adapter_dirs, settings: BenchSetting
         variants[f"dlp_router_N{n}"] = dlp_router_variant(base, banks[n], settings, n)
         for form in FORMS:
             variants[f"meteora_{form}_N{n}"] = meteora_variant(base, banks[n], n, form, settings.seed)
+        if _second_gpu_backend(settings.device):
+            variants[f"dlp_cuda_N{n}"] = mixture_variant(base, banks[n], n, min(settings.max_loras, n),
+                                                         f"dlp_cuda_N{n}", backend="cuda")
     if name not in variants:
         raise SystemExit(f"--profile: unknown variant {name!r}; choose from {sorted(variants)}")
     prompts = random_prompts(settings.batch_sizes[0], settings, base.config.vocab_size)
