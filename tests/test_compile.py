@@ -97,8 +97,10 @@ def test_compiled_forward_matches_eager(base_and_bank, tok, prompts, compiler, b
         with use_mixture(model, mixture):
             eager_mixed.append(_generate(model, prompts))
     unpatched = _generate(base, prompts)
-    # the adapters change the result, so matching eager below says something about the LoRA path
+    # the adapters change the result, and the two mixtures differ, so matching eager below says
+    # something about the LoRA path and about new routing values reaching the compiled graphs
     assert (eager_routed[1] - unpatched[1]).abs().max() > 100 * ATOL
+    assert (eager_mixed[0][1] - eager_mixed[1][1]).abs().max() > 100 * ATOL
 
     model.forward = torch.compile(model.forward, fullgraph=True, backend=compiler)
     _assert_same(_generate(model, prompts), eager_routed)
