@@ -159,3 +159,22 @@ def test_variants_filter_keeps_base(tmp_path):
     result = bench.run(bench.add_arguments(argparse.ArgumentParser()).parse_args(argv))
     assert [r["variant"] for r in result["e2e"]] == ["base", "dlp_N3", "meteora_op_N3"]
     assert "variants=('dlp_N*', 'meteora_op_*')" in result["config"]["preset"]
+
+
+def test_goals_use_the_device_limits():
+    """CPU runs are held to the CPU limits, CUDA runs to the GPU ones; MeteoRA's factor in both."""
+    def row(variant, family, ratio, ms, n=26, form=None):
+        return {"variant": variant, "family": family, "batch": 1, "n_adapters": n, "form": form,
+                "ratio_to_base": {"median": ratio}, "decode_ms_per_token": {"median": ms}}
+
+    rows = [row("base", "base", 1.0, 10.0, n=None), row("dlp_N26", "dlp", 1.12, 11.2),
+            row("meteora_op_N26", "meteora", 1.5, 15.0, form="op"),
+            row("meteora_bmm_N26", "meteora", 2.5, 25.0, form="bmm")]
+    cpu = {g["goal"]: g for g in bench.evaluate_goals(rows, "cpu")}
+    gpu = {g["goal"]: g for g in bench.evaluate_goals(rows, "cuda")}
+    assert [(g["limit"], g["met"]) for g in cpu.values() if "N=26, batch 1" in g["goal"]] == [(1.10, False)]
+    assert [(g["limit"], g["met"]) for g in gpu.values() if "N=26, batch 1" in g["goal"]] == [(1.15, True)]
+    for goals in (cpu, gpu):
+        meteora = goals["MeteoRA best form >= 2x dlp_N26 time (batch 1)"]
+        assert meteora["best_form"] == "op" and meteora["measured"] == pytest.approx(15.0 / 11.2, abs=1e-4)
+        assert not any("N=100" in text for text in goals)  # not measured: not reported
