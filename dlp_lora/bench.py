@@ -328,9 +328,12 @@ def generate_options(settings: BenchSettings) -> dict:
     config._compile_all_devices = True  # transformers compiles only on accelerators unless told
     # Every variant is its own module tree: each adds guards on the same code objects, beyond
     # dynamo's default of 8 entries, after which it would silently run the rest eager.
-    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 256)
-    torch._dynamo.config.accumulated_recompile_limit = max(
-        torch._dynamo.config.accumulated_recompile_limit, 4096)
+    dynamo = torch._dynamo.config
+    for name, floor in (("recompile_limit", 256), ("accumulated_recompile_limit", 4096)):
+        if hasattr(dynamo, name):  # older torch: cache_size_limit (an alias of the first today)
+            setattr(dynamo, name, max(getattr(dynamo, name), floor))
+        elif name == "recompile_limit":
+            dynamo.cache_size_limit = max(dynamo.cache_size_limit, floor)
     return {"cache_implementation": "static", "compile_config": config}
 
 
