@@ -274,14 +274,20 @@ def choose_config(T: int, S: int, K: int, r: int, d_in: int, d_out: int, dtype: 
 
 
 def _check_layout(y, x, lora_a, lora_b, seg_indptr, lora_ids, lora_weights) -> None:
-    """Cheap host checks (attributes only, no device reads) the kernels rely on."""
+    """Cheap host checks (attributes only, no device reads) the kernels rely on.
+
+    The passing case runs once per patched Linear per step, so it is one expression; the loop
+    that names the offending argument runs only on failure.
+    """
     if y.stride(-1) != 1 or x.stride(-1) != 1:
         raise ValueError("multi_lora_triton: `x` and `y` need unit column stride")
-    for name, t in (("lora_a", lora_a), ("lora_b", lora_b), ("seg_indptr", seg_indptr),
-                    ("lora_ids", lora_ids), ("lora_weights", lora_weights)):
-        if not t.is_contiguous():
-            raise ValueError(f"multi_lora_triton: `{name}` must be contiguous")
-    if x.device.type == "cpu" and not triton_interpret():
+    if not (lora_a.is_contiguous() and lora_b.is_contiguous() and seg_indptr.is_contiguous()
+            and lora_ids.is_contiguous() and lora_weights.is_contiguous()):
+        for name, t in (("lora_a", lora_a), ("lora_b", lora_b), ("seg_indptr", seg_indptr),
+                        ("lora_ids", lora_ids), ("lora_weights", lora_weights)):
+            if not t.is_contiguous():
+                raise ValueError(f"multi_lora_triton: `{name}` must be contiguous")
+    if x.is_cpu and not triton_interpret():
         raise RuntimeError("multi_lora_triton: CPU tensors need TRITON_INTERPRET=1 set before import")
 
 
