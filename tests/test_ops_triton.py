@@ -236,3 +236,22 @@ def test_kernels_compile_for_hopper():
     if proc.returncode != 0 and "GPUTarget" in proc.stderr and "ImportError" in proc.stderr:
         pytest.skip("this Triton cannot compile ahead of time")
     assert proc.returncode == 0 and "compiled" in proc.stdout, proc.stderr[-4000:]
+
+
+@pytest.mark.parametrize("name", ["y", "x", "lora_a", "lora_b", "seg_indptr", "lora_ids", "lora_weights"])
+def test_raw_launcher_refuses_strided_layouts(name):
+    """The raw launcher (no dlp_lora.ops validation in front) names a layout it cannot address."""
+    from dlp_lora.triton_kernels.multi_lora import multi_lora_triton
+
+    case = next(c for c in CASE_SWEEP if c.K >= 2 and c.S >= 2)  # no size-1 dims: strided != contiguous
+    args = case.tensors(torch.float32, device=DEVICE)._asdict()
+    y_before = args["y"].clone()
+    tensor = args[name]
+    # same shape and values, but strided: every other column of a tensor twice as wide
+    wide = torch.zeros(*tensor.shape[:-1], 2 * tensor.shape[-1], dtype=tensor.dtype, device=tensor.device)
+    wide[..., ::2] = tensor
+    args[name] = wide[..., ::2]
+    assert not args[name].is_contiguous()
+    with pytest.raises(ValueError, match=f"`{name}`" if name not in ("x", "y") else "`x` and `y`"):
+        multi_lora_triton(**args)
+    assert torch.equal(args["y"] if name != "y" else tensor, y_before)  # nothing was launched
