@@ -329,11 +329,8 @@ def generate_options(settings: BenchSettings) -> dict:
     # Every variant is its own module tree: each adds guards on the same code objects, beyond
     # dynamo's default of 8 entries, after which it would silently run the rest eager.
     dynamo = torch._dynamo.config
-    for name, floor in (("recompile_limit", 256), ("accumulated_recompile_limit", 4096)):
-        if hasattr(dynamo, name):  # older torch: cache_size_limit (an alias of the first today)
-            setattr(dynamo, name, max(getattr(dynamo, name), floor))
-        elif name == "recompile_limit":
-            dynamo.cache_size_limit = max(dynamo.cache_size_limit, floor)
+    dynamo.recompile_limit = max(dynamo.recompile_limit, 256)
+    dynamo.accumulated_recompile_limit = max(dynamo.accumulated_recompile_limit, 4096)
     return {"cache_implementation": "static", "compile_config": config}
 
 
@@ -457,8 +454,9 @@ def _second_gpu_backend(device: str) -> bool:
     return ops.resolve_backend(torch.device(device)) == "triton" and "cuda" in ops.available_backends(device)
 
 
-def run_e2e(base, banks: dict, adapter_dirs, settings: BenchSettings, progress) -> list[dict]:
-    """The main table: every variant, every batch size, ratios to base and peft_single."""
+def main_variants(base, banks: dict, adapter_dirs, settings: BenchSettings,
+                  forms: Sequence[str]) -> list[Variant]:
+    """The main table's variants, in table order: base, PEFT, then per N DLP-LoRA and MeteoRA."""
     variants = [Variant("base", "base", base)]
     variants += peft_variants(base, adapter_dirs, max(settings.batch_sizes))
     for n in settings.adapter_counts:
@@ -469,19 +467,24 @@ def run_e2e(base, banks: dict, adapter_dirs, settings: BenchSettings, progress) 
             # (no Python launcher), which may matter in eager decode: time both.
             variants.append(mixture_variant(base, banks[n], n, k, name=f"dlp_cuda_N{n}", backend="cuda"))
         variants.append(dlp_router_variant(base, banks[n], settings, n))
-        variants += [meteora_variant(base, banks[n], n, form, settings.seed)
-                     for form in settings.meteora_forms]
+        variants += [meteora_variant(base, banks[n], n, form, settings.seed) for form in forms]
+    return variants
+
+
+def run_e2e(base, banks: dict, adapter_dirs, settings: BenchSettings, progress) -> list[dict]:
+    """The main table: every variant, every batch size, ratios to base and peft_single."""
+    variants = main_variants(base, banks, adapter_dirs, settings, settings.meteora_forms)
     if settings.variants:
         variants = [v for v in variants if v.name == "base"
                     or any(fnmatch.fnmatchcase(v.name, pattern) for pattern in settings.variants)]
+    options = generate_options(settings)
     rows = []
     for batch in settings.batch_sizes:
         active = [v for v in variants if v.batch_sizes is None or batch in v.batch_sizes]
         prompts = random_prompts(batch, settings, base.config.vocab_size)
         progress.set_description(f"e2e batch {batch}")
         samples = run_interleaved(active, prompts, new_tokens=settings.new_tokens, reps=settings.reps,
-                                  warmup_tokens=settings.warmup_tokens, progress=progress,
-                                  options=generate_options(settings))
+                                  warmup_tokens=settings.warmup_tokens, progress=progress, options=options)
         batch_rows = summarize(active, samples, batch, references=("base", "peft_single"))
         for row, v in zip(batch_rows, active, strict=True):
             if v.family == "dlp":
@@ -496,6 +499,7 @@ def run_scaling(base, banks: dict, settings: BenchSettings, progress) -> list[di
     """N x K sweep at batch 1: DLP-LoRA (use_mixture, K adapters) and MeteoRA (op form) vs base."""
     rows = []
     prompts = random_prompts(1, settings, base.config.vocab_size)
+    options = generate_options(settings)
     for n in settings.scaling_adapter_counts:
         progress.set_description(f"scaling N={n}")
         variants = [Variant("base", "base", base)]
@@ -503,7 +507,7 @@ def run_scaling(base, banks: dict, settings: BenchSettings, progress) -> list[di
         variants.append(meteora_variant(base, banks[n], n, "op", settings.seed))
         samples = run_interleaved(variants, prompts, new_tokens=settings.scaling_new_tokens,
                                   reps=settings.scaling_reps, warmup_tokens=settings.warmup_tokens,
-                                  progress=progress, options=generate_options(settings))
+                                  progress=progress, options=options)
         rows += [dict(row, n_adapters=n) for row in summarize(variants, samples, 1, references=("base",))]
     return rows
 
@@ -758,16 +762,7 @@ def profile_variant(name: str, base, banks, adapter_dirs, settings: BenchSetting
     """torch.profiler over one generate() of one variant; prints the operators by self time."""
     from torch.profiler import ProfilerActivity, profile
 
-    variants = {"base": Variant("base", "base", base)}
-    variants.update({v.name: v for v in peft_variants(base, adapter_dirs, max(settings.batch_sizes))})
-    for n in settings.adapter_counts:
-        variants[f"dlp_N{n}"] = mixture_variant(base, banks[n], n, min(settings.max_loras, n), f"dlp_N{n}")
-        variants[f"dlp_router_N{n}"] = dlp_router_variant(base, banks[n], settings, n)
-        for form in FORMS:
-            variants[f"meteora_{form}_N{n}"] = meteora_variant(base, banks[n], n, form, settings.seed)
-        if _second_gpu_backend(settings.device):
-            variants[f"dlp_cuda_N{n}"] = mixture_variant(base, banks[n], n, min(settings.max_loras, n),
-                                                         f"dlp_cuda_N{n}", backend="cuda")
+    variants = {v.name: v for v in main_variants(base, banks, adapter_dirs, settings, FORMS)}
     if name not in variants:
         raise SystemExit(f"--profile: unknown variant {name!r}; choose from {sorted(variants)}")
     prompts = random_prompts(settings.batch_sizes[0], settings, base.config.vocab_size)

@@ -19,3 +19,22 @@ requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs 
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+# Shared by the routing tests (test_generation) and the compile tests (test_compile).
+@pytest.fixture(scope="module")
+def tok():
+    """The word-level tokenizer of tests/peft_fixtures.py."""
+    from peft_fixtures import word_tokenizer
+
+    return word_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def task_adapters(tmp_path_factory):
+    """A tiny Llama and one real PEFT adapter per task: (base model, {task: adapter directory})."""
+    from peft_fixtures import TASKS, make_adapter, tiny_model
+
+    base = tiny_model("llama", seed=7)
+    root = tmp_path_factory.mktemp("task_adapters")
+    return base, {t: make_adapter(base, root / t, seed=70 + i) for i, t in enumerate(TASKS)}

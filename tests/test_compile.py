@@ -18,13 +18,9 @@ import pytest
 import torch
 from conftest import requires_cuda
 from peft_fixtures import (
-    TASKS,
     CountingRouter,
     default_backend,
     left_pad,
-    make_adapter,
-    tiny_model,
-    word_tokenizer,
 )
 from transformers import CompileConfig
 
@@ -47,16 +43,9 @@ def _fresh_dynamo():
 
 
 @pytest.fixture(scope="module")
-def tok():
-    return word_tokenizer()
-
-
-@pytest.fixture(scope="module")
-def base_and_bank(tmp_path_factory):
-    base = tiny_model("llama", seed=11)
-    root = tmp_path_factory.mktemp("compile_adapters")
-    bank = LoRABank.from_peft({t: make_adapter(base, root / t, seed=110 + i) for i, t in enumerate(TASKS)})
-    return base, bank
+def base_and_bank(task_adapters):
+    base, adapters = task_adapters
+    return base, LoRABank.from_peft(adapters)
 
 
 @pytest.fixture(scope="module")

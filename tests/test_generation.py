@@ -14,10 +14,7 @@ from peft_fixtures import (
     CountingRouter,
     default_backend,
     left_pad,
-    make_adapter,
     task_sentence,
-    tiny_model,
-    word_tokenizer,
 )
 from transformers import LogitsProcessor, LogitsProcessorList
 
@@ -41,18 +38,6 @@ class ForceTokens(LogitsProcessor):
         for b, tokens in enumerate(self.forced):
             out[b, tokens[step]] = 0.0
         return out
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return word_tokenizer()
-
-
-@pytest.fixture(scope="module")
-def task_adapters(tmp_path_factory):
-    base = tiny_model("llama", seed=7)
-    root = tmp_path_factory.mktemp("task_adapters")
-    return base, {t: make_adapter(base, root / t, seed=70 + i) for i, t in enumerate(TASKS)}
 
 
 def _patched(task_adapters, router, reroute, label_order=TASKS):
