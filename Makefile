@@ -16,6 +16,7 @@ CSRC        := $(wildcard csrc/*.cpp csrc/*.h csrc/*.cu csrc/*.cuh) setup.py
 PYTEST      := $(PY) -m pytest
 
 .PHONY: all venv build test test-fast demo bench bench-ops bench-layer bench-e2e bench-e2e-compile check-cuda \
+	check-device-env \
 	lint readme-tables clean
 
 all: build
@@ -76,6 +77,11 @@ readme-tables: build
 check-cuda:
 	nvcc -std=c++17 -O3 -arch=sm_90 -c csrc/multi_lora_cuda_kernel.cu -o /tmp/dlp_lora_cuda_kernel.o
 	@echo "nvcc compile-check of csrc/multi_lora_cuda_kernel.cu: ok"
+
+# gpu_check.sh's build and tests, rehearsed on this CPU against the GPU image's versions (torch 2.11,
+# Triton 3.6, transformers 5.17, Python 3.12) in .venv-device/; ~3 GB of wheels on first use.
+check-device-env:
+	bash benchmarks/device_env_check.sh
 
 lint: $(STAMP)
 	$(PY) -m ruff check dlp_lora triton_kernels tests benchmarks

@@ -30,15 +30,28 @@ def _extensions():
     from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
 
     want_cuda = _flag("DLP_LORA_CUDA")
-    cuda_possible = torch.version.cuda is not None and CUDA_HOME is not None
+    # torch guesses CUDA_HOME from where `nvcc` is; an `nvcc` wrapper script in /usr/local/bin makes
+    # that guess /usr/local, whose include/ has no CUDA headers, and the build then dies deep in
+    # ninja on "cuda_runtime.h: No such file". Check the headers here and say what to set instead.
+    cuda_headers = CUDA_HOME is not None and (Path(CUDA_HOME) / "include" / "cuda_runtime.h").exists()
+    cuda_possible = torch.version.cuda is not None and cuda_headers
     if want_cuda and not cuda_possible:
         raise RuntimeError(
             "DLP_LORA_CUDA=1 but the CUDA kernel cannot be built: "
             f"torch.version.cuda={torch.version.cuda!r}, CUDA_HOME={CUDA_HOME!r}"
+            + ("" if cuda_headers or CUDA_HOME is None else " has no include/cuda_runtime.h")
+            + "; set CUDA_HOME to the CUDA toolkit's root (e.g. /usr/local/cuda)"
         )
     build_cuda = cuda_possible if want_cuda is None else want_cuda
+    if want_cuda is None and torch.version.cuda is not None and not cuda_possible:
+        print(
+            f"dlp-lora: building without the CUDA kernel: CUDA_HOME={CUDA_HOME!r} has no "
+            "include/cuda_runtime.h (set CUDA_HOME to the toolkit's root to build it)"
+        )
 
-    cxx = ["-O3", "-std=c++17", "-fopenmp", "-ffp-contract=fast"]
+    # No -std flag: torch's BuildExtension adds the standard its own headers need (C++17 for torch
+    # 2.11, C++20 for 2.13, whose headers warn under C++17). The sources build warning-free under both.
+    cxx = ["-O3", "-fopenmp", "-ffp-contract=fast"]
     if _flag("DLP_LORA_NATIVE"):
         cxx.append("-march=native")
     sources = [str(p.relative_to(ROOT)) for p in sorted(CSRC.glob("*.cpp")) if p.name != "multi_lora_cuda.cpp"]
@@ -51,7 +64,7 @@ def _extensions():
     )
     if build_cuda:
         kwargs["sources"] += ["csrc/multi_lora_cuda.cpp", "csrc/multi_lora_cuda_kernel.cu"]
-        kwargs["extra_compile_args"]["nvcc"] = ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo"]
+        kwargs["extra_compile_args"]["nvcc"] = ["-O3", "--use_fast_math", "-lineinfo"]
         kwargs["define_macros"] = kwargs["define_macros"] + [("DLP_LORA_WITH_CUDA", None)]
         ext = CUDAExtension(**kwargs)
     else:

@@ -88,6 +88,8 @@ EOF
 # 1. Build (in place, editable) with the CUDA kernel for Hopper. No network: never ask an index.
 export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
 export MAX_JOBS=${MAX_JOBS:-$(nproc)}
+source benchmarks/cuda_home.sh
+say "CUDA_HOME=${CUDA_HOME:-unset} | $(nvcc --version 2>&1 | tail -1)"
 export PIP_NO_INDEX=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 if [[ -n "${SKIP_BUILD:-}" ]]; then
     say "=== [build] skipped (SKIP_BUILD set)"

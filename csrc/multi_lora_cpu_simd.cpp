@@ -21,6 +21,13 @@
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #define DLP_LORA_X86_SIMD 1
 #include <immintrin.h>
+// GCC 12 reports the _mm512_undefined_* placeholders inside its own AVX-512 conversion intrinsics as
+// "(may be) used uninitialized" (GCC bug 105593, fixed in 13): 774 false warnings per -Wall build
+// that would bury real ones.
+#if defined(__GNUC__) && !defined(__clang__) && __GNUC__ < 13
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#endif
 #endif
 
 namespace dlp_lora::cpu {

@@ -22,6 +22,17 @@ TASK_WORDS = {task: [f"{task[:2]}{i}" for i in range(8)] for task in TASKS}
 VOCAB_SIZE = 96  # >= the tokenizer's 66 words; extra ids are never produced by the tokenizer
 
 
+def cache_kwarg() -> str:
+    """The name of the KV cache, as a forward keyword and as an output field.
+
+    transformers 5.2x renamed it from ``past_key_values`` to ``cache`` (the old keyword is accepted
+    until 5.40); the GPU image's transformers 5.17 knows only the old name.
+    """
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+
+    return "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
+
+
 def word_tokenizer():
     """A word-level PreTrainedTokenizerFast over SPECIAL + PUNCT + FILLER + every task word."""
     from tokenizers import Tokenizer, models, pre_tokenizers

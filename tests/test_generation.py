@@ -12,6 +12,7 @@ import torch
 from peft_fixtures import (
     TASKS,
     CountingRouter,
+    cache_kwarg,
     default_backend,
     left_pad,
     task_sentence,
@@ -70,8 +71,8 @@ def _chunked_logits(model, tokens: list[int], pieces: list[tuple[int, dict]]) ->
     with torch.no_grad():
         for (start, mixture), end in zip(pieces, bounds[1:], strict=True):
             with use_mixture(model, [mixture]):
-                out = model(input_ids=ids[:, start:end], cache=cache, use_cache=True)
-            cache = out.cache
+                out = model(input_ids=ids[:, start:end], use_cache=True, **{cache_kwarg(): cache})
+            cache = getattr(out, cache_kwarg())
             logits.append(out.logits[0])
     return torch.cat(logits)
 
@@ -190,10 +191,10 @@ def test_sentence_rerouting_while_decoding(task_adapters, tok, label_order):
 def test_continuation_without_prefill_is_refused(task_adapters, tok):
     base, _ = task_adapters
     with torch.no_grad():
-        cache = base(input_ids=torch.tensor([[5, 6, 7]]), use_cache=True).cache
+        cache = getattr(base(input_ids=torch.tensor([[5, 6, 7]]), use_cache=True), cache_kwarg())
     model = _patched(task_adapters, CountingRouter(tok), "sentence")
     with pytest.raises(RuntimeError, match="no matching prefill"), torch.no_grad():
-        model(input_ids=torch.tensor([[8]]), cache=cache)
+        model(input_ids=torch.tensor([[8]]), **{cache_kwarg(): cache})
 
 
 def test_trained_router_routes_held_out_prompts_and_reroutes(task_adapters, tok):
