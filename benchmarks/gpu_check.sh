@@ -8,7 +8,9 @@
 #   2. tests   pytest tests/test_ops_gpu.py tests/test_ops_reference.py (triton + cuda vs float64 oracle)
 #              and the patched model's generate() under CUDA graphs (tests/test_compile.py)
 #   3. e2e     dlp-lora bench --device cuda: ~1.1B Llama in bf16, eager, batch 1 and 8, N 26 and 100
-#              -> benchmarks/results/e2e_<gpu>.json (issue 4's GPU goals: <= 1.15x / 1.2x base)
+#              -> benchmarks/results/e2e_<gpu>.json (issue 4's GPU goals: <= 1.15x / 1.2x base);
+#              the file is saved after each batch size, so a step stopped by its limit keeps batch 1
+#              (marked "complete": false)
 #   4. e2e-compile  the same model, batch 1, with generate()'s automatic torch.compile
 #              (reduce-overhead = CUDA graphs): base, DLP-LoRA N=26/100, MeteoRA op form
 #              -> benchmarks/results/e2e_<gpu>_compile.json

@@ -83,7 +83,10 @@ def render_e2e(path: Path) -> str:
         f"max_loras={cfg['max_loras']}; "
         f"median of {cfg['reps']} interleaved rounds [IQR]. Ratios: median over rounds of the paired ratio."
         + (" **Compiled**: every variant decodes with a static KV cache and generate()'s automatic "
-           "torch.compile (inductor, mode reduce-overhead)." if cfg.get("compile") else ""),
+           "torch.compile (inductor, mode reduce-overhead)." if cfg.get("compile") else "")
+        + (" **Incomplete run**: it stopped before the end (a time limit); only the batch sizes "
+           f"{sorted({r['batch'] for r in result['e2e']})} were measured."
+           if result.get("complete") is False else ""),
         "",
         _provenance(result, path),
         "",

@@ -471,8 +471,12 @@ def main_variants(base, banks: dict, adapter_dirs, settings: BenchSettings,
     return variants
 
 
-def run_e2e(base, banks: dict, adapter_dirs, settings: BenchSettings, progress) -> list[dict]:
-    """The main table: every variant, every batch size, ratios to base and peft_single."""
+def run_e2e(base, banks: dict, adapter_dirs, settings: BenchSettings, progress,
+            on_batch_done: Callable[[list[dict]], None] | None = None) -> list[dict]:
+    """The main table: every variant, every batch size, ratios to base and peft_single.
+
+    ``on_batch_done(rows so far)`` runs after each batch size (run() saves a partial result there).
+    """
     variants = main_variants(base, banks, adapter_dirs, settings, settings.meteora_forms)
     if settings.variants:
         variants = [v for v in variants if v.name == "base"
@@ -492,6 +496,8 @@ def run_e2e(base, banks: dict, adapter_dirs, settings: BenchSettings, progress) 
                 row["mixtures"] = mixtures
                 row["distinct_mixtures"] = len({tuple(sorted(m)) for m in mixtures})
         rows += batch_rows
+        if on_batch_done is not None:
+            on_batch_done(rows)
     return rows
 
 
@@ -720,21 +726,28 @@ def run(args: argparse.Namespace) -> dict:
     if settings.scaling:
         total += sum((2 + sum(k <= n for k in settings.scaling_ks)) * (settings.scaling_reps + 1)
                      for n in settings.scaling_adapter_counts)
+    def finish(complete: bool) -> None:
+        result["complete"] = complete
+        result["goals"] = evaluate_goals(result.get("e2e", []), settings.device)
+        result["load_average"] = {"start": load_start, "end": load_average()}
+        if args.out:
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text(json.dumps(result, indent=1, default=str) + "\n")
+
+    def batch_done(rows: list[dict]) -> None:
+        # Saved after every batch size: a run stopped by a time limit (gpu_check.sh gives each step
+        # a few minutes of a lent GPU) still leaves the batch sizes it finished, marked incomplete.
+        result["e2e"] = rows
+        finish(complete=False)
+
     with tqdm(total=total, unit="gen") as progress:
-        result["e2e"] = run_e2e(base, banks, adapter_dirs, settings, progress)
+        result["e2e"] = run_e2e(base, banks, adapter_dirs, settings, progress, on_batch_done=batch_done)
         if settings.scaling:
             result["scaling"] = run_scaling(base, banks, settings, progress)
-    result["goals"] = evaluate_goals(result["e2e"], settings.device)
-    result["load_average"] = {"start": load_start, "end": load_average()}
-
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        if settings.scaling:
-            plot = args.plot or args.out.with_name(args.out.stem + "_scaling.png")
-            result["plot"] = str(plot_scaling(result, plot))
-        args.out.write_text(json.dumps(result, indent=1, default=str) + "\n")
-    elif settings.scaling and args.plot:
-        result["plot"] = str(plot_scaling(result, args.plot))
+    if settings.scaling and (args.out or args.plot):
+        plot = args.plot or args.out.with_name(args.out.stem + "_scaling.png")
+        result["plot"] = str(plot_scaling(result, plot))
+    finish(complete=True)
     print_summary(result)
     return result
 

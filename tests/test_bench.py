@@ -67,6 +67,7 @@ def test_bench_harness_and_readme_tables(tmp_path):
     assert scaling == {("base", 2), ("dlp_N2_K1", 2), ("dlp_N2_K2", 2), ("meteora_op_N2", 2)}  # K <= N
     assert Path(result["plot"]).stat().st_size > 0
     assert any(g["goal"].startswith("MeteoRA best form") for g in result["goals"])
+    assert result["complete"] is True
 
     tables = _load_tables_script()
     readme = tmp_path / "README.md"
@@ -75,6 +76,37 @@ def test_bench_harness_and_readme_tables(tmp_path):
     text = readme.read_text()
     assert text.startswith("intro\n<!-- BENCH:e2e -->\n") and text.endswith("<!-- /BENCH:e2e -->\noutro\n")
     assert "old" not in text and "| 2 | peft_mixed |" in text and "N=2" in text
+    assert "Incomplete" not in text
+
+
+def test_stopped_run_keeps_its_finished_batch_sizes(tmp_path, monkeypatch):
+    """A run killed by a time limit (gpu_check.sh's steps) leaves the batch sizes it finished, marked."""
+    out = tmp_path / "results" / "e2e_cpu.json"
+    original = bench.run_interleaved
+    calls = []
+
+    def stop_at_second_batch(variants, input_ids, **kwargs):
+        calls.append(input_ids.shape[0])
+        if len(calls) == 2:
+            raise KeyboardInterrupt("time limit")  # what `timeout` does to the process, in effect
+        return original(variants, input_ids, **kwargs)
+
+    monkeypatch.setattr(bench, "run_interleaved", stop_at_second_batch)
+    argv = ["--model", "tiny", "--device", "cpu", "--reps", "1", "--new-tokens", "2",
+            "--batch-sizes", "1", "2", "--adapters", "3", "--forms", "op",
+            "--cache-dir", str(tmp_path / "cache"), "--out", str(out)]
+    with pytest.raises(KeyboardInterrupt):
+        bench.main(argv)
+    result = json.loads(out.read_text())
+    assert calls == [1, 2] and result["complete"] is False
+    assert {r["batch"] for r in result["e2e"]} == {1} and "dlp_N3" in {r["variant"] for r in result["e2e"]}
+    assert any(g["goal"].startswith("MeteoRA best form") for g in result["goals"])
+
+    readme = tmp_path / "README.md"
+    readme.write_text("<!-- BENCH:e2e -->\n<!-- /BENCH:e2e -->\n")
+    assert _load_tables_script().main(["--readme", str(readme), "--results", str(out.parent)]) == 0
+    text = readme.read_text()
+    assert "**Incomplete run**" in text and "batch sizes [1] were measured" in text
 
 
 def test_readme_tables_ops_section_and_missing_markers(tmp_path, capsys):
