@@ -15,8 +15,8 @@ EXT_STAMP   := $(VENV)/.dlp-ext-built
 CSRC        := $(wildcard csrc/*.cpp csrc/*.h csrc/*.cu csrc/*.cuh) setup.py
 PYTEST      := $(PY) -m pytest
 
-.PHONY: all venv build test test-fast demo bench bench-ops bench-layer bench-e2e bench-e2e-compile check-cuda \
-	check-device-env \
+.PHONY: all venv build test test-fast demo bench bench-ops bench-layer bench-e2e bench-e2e-compile bench-breakdown \
+	check-cuda check-device-env \
 	lint readme-tables clean
 
 all: build
@@ -48,7 +48,7 @@ test-fast: build
 demo: build
 	$(PY) -m dlp_lora.demo
 
-bench: bench-ops bench-layer bench-e2e bench-e2e-compile readme-tables
+bench: bench-ops bench-layer bench-e2e bench-e2e-compile bench-breakdown readme-tables
 
 bench-ops: build
 	$(PYTEST) benchmarks/bench_ops.py --benchmark-enable --benchmark-only \
@@ -69,6 +69,11 @@ bench-e2e: build
 bench-e2e-compile: build
 	$(PY) -m dlp_lora.cli bench --compile --threads 1 --adapters 26 100 --forms bmm op --reps 5 \
 		--new-tokens 32 --out benchmarks/results/e2e_cpu_compile.json
+
+# One batch-1 decode step per variant: weight bytes, operator calls, profiled time by category (~4 min).
+bench-breakdown: build
+	$(PY) -m dlp_lora.cli bench --breakdown --threads 1 --adapters 26 100 --forms bmm op --reps 5 \
+		--new-tokens 32 --out benchmarks/results/decode_breakdown_cpu.json
 
 readme-tables: build
 	$(PY) benchmarks/make_readme_tables.py

@@ -6,6 +6,7 @@
 Each table replaces the text between ``<!-- BENCH:<name> -->`` and ``<!-- /BENCH:<name> -->``:
 
   e2e    benchmarks/results/e2e_*.json          dlp-lora bench (dlp_lora/bench.py)
+  breakdown  benchmarks/results/decode_breakdown_*.json   dlp-lora bench --breakdown
   ops    benchmarks/results/ops_*.json          benchmarks/summarize_ops.py (kernel microbenchmarks)
   layer  benchmarks/results/layer_*.json        benchmarks/summarize_layer.py's compact bench_layer.py JSON
   demo   benchmarks/results/demo*.json          the composite-task demo
@@ -145,6 +146,42 @@ def _render_scaling(result: dict) -> str:
     return "\n".join(out)
 
 
+# ----------------------------------------------------------------------------- decode breakdown
+
+def render_breakdown(path: Path) -> str:
+    """dlp-lora bench --breakdown: one batch-1 decode step per variant, measured and modelled."""
+    result = json.loads(path.read_text())
+    cfg, model = result["config"], result["config"]["model"]
+    on_gpu = any("device_ms" in r["profile_per_decode_step"] for r in result["breakdown"])
+    rows = []
+    for r in result["breakdown"]:
+        d, w, prof = r["decode_ms_per_token"], r["weights_mb_per_token"], r["profile_per_decode_step"]
+        cpu = prof["cpu_ms"]
+        row = [r["variant"], r.get("n_adapters"), f"{d['median']:.2f} [{d['iqr']:.2f}]", _ratio(r, "base"),
+               f"{w['total_mb']:.1f}", f"{w['ratio_to_base']:.3f}", f"{prof['calls']:.0f}",
+               *(f"{cpu[c]:.2f}" for c in ("matmul", "lora_op", "attention", "other", "outside_ops"))]
+        if on_gpu:
+            row.append(f"{prof['device_ms']['total']:.2f}")
+        rows.append(row)
+    header = ["variant", "N", "decode ms/token", "x base", "weights MB read/token", "x base (weights)",
+              "op calls/step", "matmul ms", "LoRA op ms", "attention ms", "other ops ms", "outside ops ms"]
+    if on_gpu:
+        header.append("GPU kernel ms")
+    dlp_ks = "/".join(str(k) for k in sorted({r["k"] for r in result["breakdown"] if r["family"] == "dlp"}))
+    head = (f"**One decode step, broken down** (`dlp-lora bench --breakdown`, batch 1): Llama "
+            f"h={model['hidden_size']}, {model['num_hidden_layers']} layers, {cfg['dtype']}, r={cfg['rank']} "
+            f"on {len(cfg['target_modules'])} projections, DLP-LoRA K={dlp_ks}, "
+            f"MeteoRA top-2. Decode ms/token and x base: unprofiled, median of {cfg['reps']} interleaved "
+            "rounds [IQR], paired ratios. Weights read: the base Linears plus the adapters (and MeteoRA "
+            "gates) one step touches, a model of the bytes, not a measurement. The last five columns: "
+            "torch.profiler self time per decode step (difference of two generate() lengths, so no "
+            "prefill; median of the profiled rounds), by operator category; 'outside ops' is the "
+            "profiled step's wall time in no operator (Python: generate(), module calls, gating code). "
+            "The profiler adds its own cost to every operator call, so compare these columns with "
+            "each other, not with the unprofiled decode time.")
+    return "\n".join([head, "", _provenance(result, path), "", md_table(header, rows)])
+
+
 # ----------------------------------------------------------------------------- layer (pytest-benchmark)
 
 def render_layer(path: Path) -> str:
@@ -262,6 +299,7 @@ def render_demo(path: Path) -> str:
 
 SECTIONS: dict[str, tuple[str, Callable[[Path], str]]] = {
     "e2e": ("e2e_*.json", render_e2e),
+    "breakdown": ("decode_breakdown_*.json", render_breakdown),
     "ops": ("ops_*.json", render_ops),
     "layer": ("layer_*.json", render_layer),
     "demo": ("demo*.json", render_demo),

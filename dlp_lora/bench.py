@@ -636,6 +636,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--profile", metavar="VARIANT", default=None,
                         help="instead of benchmarking, profile one variant (e.g. dlp_N26, base) at batch "
                              "--batch-sizes[0] with torch.profiler and print the top operators")
+    parser.add_argument("--breakdown", action="store_true",
+                        help="instead of the main table, break one decode step down per variant at batch 1 "
+                             "(base, peft_single, dlp_N, meteora_<form>_N): weight bytes read, operator "
+                             "calls and profiled time by category, plus unprofiled paired ratios "
+                             "(dlp_lora/decode_breakdown.py)")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch.set_num_threads (default: torch's choice, one per core)")
     parser.add_argument("--seed", type=int, default=0)
@@ -720,6 +725,9 @@ def run(args: argparse.Namespace) -> dict:
                              "of one generate() (decode_mean_ms_per_token: their mean); ratios = median "
                              "over rounds of the paired ratio within a round"},
     }
+    if args.breakdown:
+        return run_breakdown_file(args, settings, result, base, banks, adapter_dirs, load_start)
+
     per_n = 2 + len(settings.meteora_forms)
     total = sum((3 + (b > 1) + per_n * len(settings.adapter_counts)) * (settings.reps + 1)
                 for b in settings.batch_sizes)
@@ -749,6 +757,31 @@ def run(args: argparse.Namespace) -> dict:
         result["plot"] = str(plot_scaling(result, plot))
     finish(complete=True)
     print_summary(result)
+    return result
+
+
+def run_breakdown_file(args, settings: BenchSettings, result: dict, base, banks, adapter_dirs,
+                       load_start) -> dict:
+    """``--breakdown``: dlp_lora.decode_breakdown's rows, with the run's provenance, to --out."""
+    from tqdm.auto import tqdm
+
+    from .decode_breakdown import PROFILE_ROUNDS, run_breakdown
+
+    result["benchmark"] = "decode-step breakdown at batch 1"
+    variants = 2 + len(settings.adapter_counts) * (1 + len(settings.meteora_forms))
+    with tqdm(total=variants * (settings.reps + 1 + PROFILE_ROUNDS), unit="gen") as progress:
+        result["breakdown"] = run_breakdown(base, banks, adapter_dirs, settings, progress)
+    result["load_average"] = {"start": load_start, "end": load_average()}
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(result, indent=1, default=str) + "\n")
+    for row in result["breakdown"]:
+        prof, weights = row["profile_per_decode_step"], row["weights_mb_per_token"]
+        print(f"{row['variant']:>18}: {row['decode_ms_per_token']['median']:7.2f} ms/token "
+              f"(x base {row['ratio_to_base']['median']:.3f}); "
+              f"weights x base {weights['ratio_to_base']:.3f}; "
+              f"{prof['calls']:.0f} op calls/step; profiled ms/step "
+              + " ".join(f"{k} {v:.2f}" for k, v in prof["cpu_ms"].items()))
     return result
 
 

@@ -109,6 +109,57 @@ def test_stopped_run_keeps_its_finished_batch_sizes(tmp_path, monkeypatch):
     assert "**Incomplete run**" in text and "batch sizes [1] were measured" in text
 
 
+def test_decode_breakdown_rows_weights_model_and_table(tmp_path):
+    """--breakdown: one row per compared variant, the weight-bytes model checked against the model's
+    shapes by hand, per-step profiles without the prefill, and the README table generated from it."""
+    from dlp_lora import decode_breakdown
+
+    out = tmp_path / "results" / "decode_breakdown_cpu.json"
+    argv = ["--model", "tiny", "--device", "cpu", "--breakdown", "--reps", "2", "--new-tokens", "3",
+            "--adapters", "6", "--forms", "bmm", "op",
+            "--cache-dir", str(tmp_path / "cache"), "--out", str(out)]
+    assert bench.main(argv) == 0
+    result = json.loads(out.read_text())
+    rows = {r["variant"]: r for r in result["breakdown"]}
+    assert list(rows) == ["base", "peft_single", "dlp_N6", "meteora_bmm_N6", "meteora_op_N6"]
+
+    shape = bench.MODELS["tiny"]
+    h, inter, kv = shape.hidden_size, shape.intermediate_size, shape.num_key_value_heads * (
+        shape.hidden_size // shape.num_attention_heads)
+    per_layer = [(h, h), (h, kv), (h, kv), (h, h), (h, inter), (h, inter), (inter, h)]  # (d_in, d_out)
+    base_floats = shape.num_hidden_layers * sum(i * o for i, o in per_layer) + h * shape.vocab_size
+    adapter_floats = shape.num_hidden_layers * sum(8 * (i + o) for i, o in per_layer)
+    gate_floats = 6 * shape.num_hidden_layers * sum(i for i, _ in per_layer)
+    expected = {"base": base_floats, "peft_single": base_floats + adapter_floats,
+                "dlp_N6": base_floats + 3 * adapter_floats,
+                "meteora_op_N6": base_floats + 2 * adapter_floats + gate_floats}
+    for name, floats in expected.items():
+        assert rows[name]["weights_mb_per_token"]["total_mb"] == pytest.approx(floats * 4 / 1e6)
+
+    for name, row in rows.items():
+        prof = row["profile_per_decode_step"]
+        assert set(prof["cpu_ms"]) == {*decode_breakdown.CATEGORIES, "ops_total", "outside_ops"}
+        assert prof["calls"] > 0 and prof["wall_ms"] > 0 and row["ratio_to_base"]["n"] == 2
+        # only the variants that call the multi-LoRA op spend time in it
+        assert (prof["cpu_ms"]["lora_op"] > 0) == (name in ("dlp_N6", "meteora_op_N6")), name
+    # MeteoRA gates every module at every step: more operator calls than DLP-LoRA's one op per module
+    calls = {name: row["profile_per_decode_step"]["calls"] for name, row in rows.items()}
+    assert calls["meteora_op_N6"] > calls["dlp_N6"]
+
+    readme = tmp_path / "README.md"
+    readme.write_text("<!-- BENCH:breakdown -->\n<!-- /BENCH:breakdown -->\n")
+    assert _load_tables_script().main(["--readme", str(readme), "--results", str(out.parent)]) == 0
+    assert "| meteora_op_N6 | 6 |" in readme.read_text() and "K=3" in readme.read_text()
+
+
+def test_breakdown_categories():
+    from dlp_lora.decode_breakdown import category
+
+    assert [category(n) for n in ("aten::mm", "aten::addmm", "aten::bmm", "dlp_lora_C::multi_lora",
+                                  "aten::_scaled_dot_product_flash_attention_for_cpu", "aten::topk")] == [
+        "matmul", "matmul", "matmul", "lora_op", "attention", "other"]
+
+
 def test_readme_tables_ops_section_and_missing_markers(tmp_path, capsys):
     """The ops table comes from summarize_ops.py's JSON; a README without a marker gets it printed."""
     timing = {"median_us": 12.5, "iqr_us": 0.5, "achieved_GBps": 40.0}
