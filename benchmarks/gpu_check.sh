@@ -15,6 +15,9 @@
 #              (reduce-overhead = CUDA graphs): base, DLP-LoRA N=26/100, MeteoRA op form
 #              -> benchmarks/results/e2e_<gpu>_compile.json
 #   5. bench   benchmarks/gpu_ops.py -> benchmarks/results/gpu_ops_<gpu>.json + a table
+#   6. breakdown  dlp-lora bench --breakdown: one batch-1 decode step per variant, operator calls and
+#              CPU / GPU-kernel time by category -> benchmarks/results/decode_breakdown_<gpu>.json
+#              (last: it runs only in what is left of the budget)
 # Ordered by what matters most; the steps share BUDGET_S (default 470 s; < 8 minutes with the
 # probes between them): each step's limit is cut to the time left, and a step with under 15 s
 # left is skipped. Logs and result files are copied to $OUT when it is set.
@@ -124,10 +127,15 @@ step e2e-compile 200 "${BENCH[@]}" --compile --batch-sizes 1 --adapters 26 100 -
 # 5. Microbenchmark: triton / cuda vs torch compositions, GB/s against the copy bandwidth.
 step bench 120 $PY benchmarks/gpu_ops.py
 
+# 6. Where an eager decode step's time goes on the GPU (launch counts); reuses step 3's adapters.
+step breakdown 150 "${BENCH[@]}" --breakdown --adapters 26 100 --forms bmm op \
+    --out "benchmarks/results/decode_breakdown_${GPU_SLUG}.json"
+
 # Results travel back through $OUT.
 if [[ -n "${OUT:-}" ]]; then
     cp -v benchmarks/results/gpu_ops_"${GPU_SLUG}".json benchmarks/results/e2e_"${GPU_SLUG}"*.json \
-        benchmarks/results/e2e_"${GPU_SLUG}"*.png "$OUT"/ 2>/dev/null | tee -a "$LOG"
+        benchmarks/results/e2e_"${GPU_SLUG}"*.png benchmarks/results/decode_breakdown_"${GPU_SLUG}".json \
+        "$OUT"/ 2>/dev/null | tee -a "$LOG"
 fi
 
 say "=== summary after $(($(date +%s) - START))s: passed: ${PASSED[*]:-none}; failed: ${FAILED[*]:-none}"
