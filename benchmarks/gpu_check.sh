@@ -7,6 +7,7 @@
 #   1. build   pip install --no-build-isolation --no-deps -e . with the CUDA kernel (DLP_LORA_CUDA=1)
 #   2. tests   pytest tests/test_ops_gpu.py tests/test_ops_reference.py (triton + cuda vs float64 oracle)
 #              and the patched model's generate() under CUDA graphs (tests/test_compile.py)
+#              and the decode-step breakdown on the GPU (tests/test_bench.py)
 #   3. e2e     dlp-lora bench --device cuda: ~1.1B Llama in bf16, eager, batch 1 and 8, N 26 and 100
 #              -> benchmarks/results/e2e_<gpu>.json (issue 4's GPU goals: <= 1.15x / 1.2x base);
 #              the file is saved after each batch size, so a step stopped by its limit keeps batch 1
@@ -113,7 +114,8 @@ GPU_SLUG=$($PY -c "import sys; sys.path.insert(0, 'benchmarks'); import gpu_ops;
 
 # 2. GPU tests (+ the backend-independent oracle tests, + generate() under CUDA graphs).
 step tests 150 $PY -m pytest -q -p no:cacheprovider -rs --durations=10 \
-    tests/test_ops_gpu.py tests/test_ops_reference.py tests/test_compile.py::test_generate_cuda_graphs_match_eager
+    tests/test_ops_gpu.py tests/test_ops_reference.py tests/test_compile.py::test_generate_cuda_graphs_match_eager \
+    tests/test_bench.py::test_decode_breakdown_on_gpu_counts_kernels
 
 BENCH=($PY -m dlp_lora.cli bench --device cuda --new-tokens 32 --reps 3)
 

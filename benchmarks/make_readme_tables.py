@@ -161,12 +161,13 @@ def render_breakdown(path: Path) -> str:
                f"{w['total_mb']:.1f}", f"{w['ratio_to_base']:.3f}", f"{prof['calls']:.0f}",
                *(f"{cpu[c]:.2f}" for c in ("matmul", "lora_op", "attention", "other", "outside_ops"))]
         if on_gpu:
-            row.append(f"{prof['device_ms']['total']:.2f}")
+            gpu = prof["device_ms"]
+            row += [f"{prof['kernels']:.0f}", f"{gpu['lora_op']:.3f}", f"{gpu['total']:.2f}"]
         rows.append(row)
     header = ["variant", "N", "decode ms/token", "x base", "weights MB read/token", "x base (weights)",
               "op calls/step", "matmul ms", "LoRA op ms", "attention ms", "other ops ms", "outside ops ms"]
     if on_gpu:
-        header.append("GPU kernel ms")
+        header += ["GPU kernels/step", "LoRA kernels ms", "GPU kernel ms"]
     dlp_ks = "/".join(str(k) for k in sorted({r["k"] for r in result["breakdown"] if r["family"] == "dlp"}))
     head = (f"**One decode step, broken down** (`dlp-lora bench --breakdown`, batch 1): Llama "
             f"h={model['hidden_size']}, {model['num_hidden_layers']} layers, {cfg['dtype']}, r={cfg['rank']} "

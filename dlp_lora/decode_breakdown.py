@@ -21,8 +21,10 @@ measures that, at batch 1, for ``base``, ``peft_single``, ``dlp_N`` and ``meteor
       other      everything else: small ops (topk, softmax, index, cat, casts, ...) and dispatch
 
   CPU self time always, and ``outside_ops``: the profiled wall time of the step minus the time in
-  operators (Python: generate()'s loop, module calls, hooks, the gating code); on a GPU also the
-  device time of the kernels each category launched.
+  operators (Python: generate()'s loop, module calls, hooks, the gating code). On a GPU also the
+  kernels: their number per step and their device time, by the same categories read off kernel
+  names (cuBLAS / CUTLASS gemm and gemv, flash attention, our shrink / expand kernels of both
+  backends). Kernel rows, not operator rows, because an operator's row repeats its kernels' time.
 * ``decode_ms_per_token`` / ``ratio_to_base``: unprofiled, the variants interleaved round by round
   and the ratios paired per round (bench.summarize), because the profiler's per-operator overhead
   would inflate the variants that dispatch more operators.
@@ -36,6 +38,7 @@ from collections import defaultdict
 
 import torch
 from torch import nn
+from torch.autograd import DeviceType
 
 CATEGORIES = ("matmul", "attention", "lora_op", "other")
 _MATMUL = {"aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::_addmm_activation"}
@@ -55,6 +58,19 @@ def category(op_name: str) -> str:
     if op_name in _LORA_OP:
         return "lora_op"
     return "other"
+
+
+_KERNEL_WORDS = (  # (category, lower-case substrings of a GPU kernel's name), first match wins
+    ("lora_op", ("shrink_kernel", "expand_kernel")),
+    ("attention", ("flash", "fmha", "attention", "attn", "sdpa")),
+    ("matmul", ("gemm", "gemv", "nvjet", "cutlass", "xmma", "cublas", "splitk")),
+)
+
+
+def kernel_category(kernel_name: str) -> str:
+    """The breakdown category of a GPU kernel, from its name."""
+    name = kernel_name.lower()
+    return next((cat for cat, words in _KERNEL_WORDS if any(w in name for w in words)), "other")
 
 
 def weight_bytes_per_token(variant, base: nn.Module, rank: int, target_modules) -> dict:
@@ -89,15 +105,18 @@ def _profile_generate(variant, prompts: torch.Tensor, steps: int, options: dict)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_gpu else [])
     with profile(activities=activities) as prof:
         timing = time_generate(variant, prompts, steps, options)
-    cpu_us, device_us, calls = defaultdict(float), defaultdict(float), 0
+    cpu_us, device_us, calls, kernels = defaultdict(float), defaultdict(float), 0, 0
     for event in prof.key_averages():
-        cat = category(event.key)
-        cpu_us[cat] += event.self_cpu_time_total
-        device_us[cat] += getattr(event, "self_device_time_total", 0.0) if on_gpu else 0.0
-        calls += event.count
+        if event.device_type == DeviceType.CPU:
+            cpu_us[category(event.key)] += event.self_cpu_time_total
+            calls += event.count
+        else:  # a GPU kernel (or copy / memset)
+            device_us[kernel_category(event.key)] += event.self_device_time_total
+            kernels += event.count
     # wall time of the whole generate() under the profiler (its first step stamped after prefill)
     wall_s = timing["prefill_s"] + timing["decode_mean_s"] * max(steps - 1, 1)
-    return {"cpu_us": cpu_us, "device_us": device_us, "calls": calls, "wall_us": wall_s * 1e6}
+    return {"cpu_us": cpu_us, "device_us": device_us, "calls": calls, "kernels": kernels,
+            "wall_us": wall_s * 1e6}
 
 
 def decode_step_profile(variant, prompts: torch.Tensor, options: dict, steps: int) -> dict:
@@ -113,6 +132,7 @@ def decode_step_profile(variant, prompts: torch.Tensor, options: dict, steps: in
     per_step["wall_ms"] = (long["wall_us"] - short["wall_us"]) / steps / 1e3
     per_step["cpu_ms"]["outside_ops"] = per_step["wall_ms"] - per_step["cpu_ms"]["ops_total"]
     if prompts.device.type == "cuda":
+        per_step["kernels"] = (long["kernels"] - short["kernels"]) / steps
         per_step["device_ms"] = {c: (long["device_us"][c] - short["device_us"][c]) / steps / 1e3
                                  for c in CATEGORIES}
         per_step["device_ms"]["total"] = sum(per_step["device_ms"].values())

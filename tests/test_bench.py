@@ -14,6 +14,7 @@ import json
 from pathlib import Path
 
 import pytest
+from conftest import requires_cuda
 
 from dlp_lora import bench
 
@@ -153,11 +154,38 @@ def test_decode_breakdown_rows_weights_model_and_table(tmp_path):
 
 
 def test_breakdown_categories():
-    from dlp_lora.decode_breakdown import category
+    from dlp_lora.decode_breakdown import category, kernel_category
 
     assert [category(n) for n in ("aten::mm", "aten::addmm", "aten::bmm", "dlp_lora_C::multi_lora",
                                   "aten::_scaled_dot_product_flash_attention_for_cpu", "aten::topk")] == [
         "matmul", "matmul", "matmul", "lora_op", "attention", "other"]
+    kernels = {
+        "_shrink_kernel": "lora_op",  # Triton names a kernel after its function
+        "void dlp_lora::cuda::(anonymous namespace)::expand_kernel<c10::BFloat16>(c10::BFloat16*)": "lora_op",
+        "sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x128x64": "matmul",
+        "nvjet_hsh_64x8_64x16_2x1_v_bz_TNT": "matmul",
+        "void gemv2T_kernel_val<int, int, __nv_bfloat16, float, float, 128, 16, 4, 4, false>": "matmul",
+        "void pytorch_flash::flash_fwd_kernel<Flash_fwd_kernel_traits<128, 64, 128, 4>>": "attention",
+        "void at::native::vectorized_elementwise_kernel<4, at::native::CUDAFunctor_add<float>>": "other",
+        "Memcpy HtoD (Pageable -> Device)": "other",
+    }
+    assert {name: kernel_category(name) for name in kernels} == kernels
+
+
+@requires_cuda
+def test_decode_breakdown_on_gpu_counts_kernels(tmp_path):
+    """On a GPU the breakdown also reports kernels per step and their device time by category."""
+    out = tmp_path / "decode_breakdown_gpu.json"
+    argv = ["--model", "tiny", "--device", "cuda", "--breakdown", "--reps", "1", "--new-tokens", "3",
+            "--adapters", "6", "--forms", "op", "--cache-dir", str(tmp_path / "cache"), "--out", str(out)]
+    assert bench.main(argv) == 0
+    rows = {r["variant"]: r for r in json.loads(out.read_text())["breakdown"]}
+    for name, row in rows.items():
+        prof = row["profile_per_decode_step"]
+        assert prof["kernels"] > 0 and prof["device_ms"]["total"] > 0, name
+        assert (prof["device_ms"]["lora_op"] > 0) == (name in ("dlp_N6", "meteora_op_N6")), name
+    assert rows["meteora_op_N6"]["profile_per_decode_step"]["kernels"] > rows["dlp_N6"][
+        "profile_per_decode_step"]["kernels"]
 
 
 def test_readme_tables_ops_section_and_missing_markers(tmp_path, capsys):
