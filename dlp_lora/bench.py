@@ -734,13 +734,11 @@ def run(args: argparse.Namespace) -> dict:
     if settings.scaling:
         total += sum((2 + sum(k <= n for k in settings.scaling_ks)) * (settings.scaling_reps + 1)
                      for n in settings.scaling_adapter_counts)
+
     def finish(complete: bool) -> None:
         result["complete"] = complete
         result["goals"] = evaluate_goals(result.get("e2e", []), settings.device)
-        result["load_average"] = {"start": load_start, "end": load_average()}
-        if args.out:
-            args.out.parent.mkdir(parents=True, exist_ok=True)
-            args.out.write_text(json.dumps(result, indent=1, default=str) + "\n")
+        save_result(result, args.out, load_start)
 
     def batch_done(rows: list[dict]) -> None:
         # Saved after every batch size: a run stopped by a time limit (gpu_check.sh gives each step
@@ -760,21 +758,25 @@ def run(args: argparse.Namespace) -> dict:
     return result
 
 
+def save_result(result: dict, out: Path | None, load_start) -> None:
+    """Stamp the load average at the end and write ``result`` to ``out`` (if given) as JSON."""
+    result["load_average"] = {"start": load_start, "end": load_average()}
+    if out:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=1, default=str) + "\n")
+
+
 def run_breakdown_file(args, settings: BenchSettings, result: dict, base, banks, adapter_dirs,
                        load_start) -> dict:
     """``--breakdown``: dlp_lora.decode_breakdown's rows, with the run's provenance, to --out."""
     from tqdm.auto import tqdm
 
-    from .decode_breakdown import PROFILE_ROUNDS, run_breakdown
+    from .decode_breakdown import run_breakdown
 
     result["benchmark"] = "decode-step breakdown at batch 1"
-    variants = 2 + len(settings.adapter_counts) * (1 + len(settings.meteora_forms))
-    with tqdm(total=variants * (settings.reps + 1 + PROFILE_ROUNDS), unit="gen") as progress:
+    with tqdm(unit="gen") as progress:  # run_breakdown sets the total once it knows the variants
         result["breakdown"] = run_breakdown(base, banks, adapter_dirs, settings, progress)
-    result["load_average"] = {"start": load_start, "end": load_average()}
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=1, default=str) + "\n")
+    save_result(result, args.out, load_start)
     for row in result["breakdown"]:
         prof, weights = row["profile_per_decode_step"], row["weights_mb_per_token"]
         print(f"{row['variant']:>18}: {row['decode_ms_per_token']['median']:7.2f} ms/token "

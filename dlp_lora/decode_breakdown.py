@@ -10,7 +10,7 @@ measures that, at batch 1, for ``base``, ``peft_single``, ``dlp_N`` and ``meteor
   ``Linear(d_in, N)`` plus the top-2 adapters the token picked. Decode at batch 1 is bound by these
   reads on a CPU (and on a GPU once launches are hidden), so their ratio to base is the floor of
   the time ratio.
-* ``profile``: torch.profiler over two generate() calls of different lengths; the difference,
+* ``profile_per_decode_step``: torch.profiler over two generate() calls of different lengths; the difference,
   divided by the extra steps, is the cost of one decode step without the prefill (median of
   PROFILE_ROUNDS interleaved rounds; the profiler's own per-call cost is in it): operator calls
   (every level of dispatch, nested ones included) and self time by category:
@@ -150,7 +150,7 @@ def breakdown_variants(variants):
 
 
 def run_breakdown(base: nn.Module, banks: dict, adapter_dirs, settings, progress) -> list[dict]:
-    """Timed rounds, then one profile per variant, at batch 1; one row per variant."""
+    """Timed rounds, then PROFILE_ROUNDS profiles per variant, at batch 1; one row per variant."""
     from .bench import (
         TARGET_MODULES,
         generate_options,
@@ -163,6 +163,7 @@ def run_breakdown(base: nn.Module, banks: dict, adapter_dirs, settings, progress
     variants = breakdown_variants(main_variants(base, banks, adapter_dirs, settings, settings.meteora_forms))
     prompts = random_prompts(1, settings, base.config.vocab_size)
     options = generate_options(settings)
+    progress.reset(total=len(variants) * (1 + settings.reps + PROFILE_ROUNDS))  # warm-up, rounds, profiles
     progress.set_description("breakdown: timed rounds")
     samples = run_interleaved(variants, prompts, new_tokens=settings.new_tokens, reps=settings.reps,
                               warmup_tokens=settings.warmup_tokens, progress=progress, options=options)
