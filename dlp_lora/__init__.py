@@ -19,6 +19,8 @@ _LAZY = {
     "LoRABank": ".bank",
     "Router": ".router",
     "route_top_p": ".router",
+    "Route": ".routing_state",
+    "RoutingRecord": ".routing_state",
     "patch_model": ".patch",
     "unpatch_model": ".patch",
     "use_mixture": ".patch",
