@@ -33,6 +33,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import numbers
 import os
 import secrets
 import shutil
@@ -162,7 +163,7 @@ def _check_mixture(bank: LoRABank, mixture) -> tuple[list[tuple[str, float]], li
     if unknown:
         raise ExportError("mixture", f"names unknown adapter(s) {unknown}; the bank holds {bank.names}")
     for name, weight in mixture.items():
-        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight):
+        if isinstance(weight, bool) or not isinstance(weight, numbers.Real) or not math.isfinite(weight):
             raise ExportError("mixture", f"weight of {name!r} must be a finite number, got {weight!r}")
         if weight < 0:
             raise ExportError("mixture", f"weight of {name!r} must be >= 0, got {weight!r}")
