@@ -26,6 +26,7 @@ _LAZY = {
     "use_mixture": ".patch",
     "is_patched": ".patch",
     "PatchError": ".patch",
+    "export_mixture": ".export",
 }
 
 __all__ = ["ops", "__version__", *_LAZY]
