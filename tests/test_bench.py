@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from conftest import requires_cuda
 
-from dlp_lora.bench import harness as bench
+from dlp_lora.bench import harness, report, timing, variants, workload
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -40,7 +40,7 @@ def test_bench_harness_and_readme_tables(tmp_path):
             "--batch-sizes", "1", "2", "--adapters", "6", "--forms", "bmm", "op",
             "--scaling", "--scaling-adapters", "2",
             "--cache-dir", str(tmp_path / "cache"), "--out", str(out)]
-    assert bench.main(argv) == 0
+    assert harness.main(argv) == 0
     result = json.loads(out.read_text())
 
     assert {"cpu", "cpu_count"} <= set(result["machine"])
@@ -83,7 +83,7 @@ def test_bench_harness_and_readme_tables(tmp_path):
 def test_stopped_run_keeps_its_finished_batch_sizes(tmp_path, monkeypatch):
     """A run killed by a time limit (gpu_check.sh's steps) leaves the batch sizes it finished, marked."""
     out = tmp_path / "results" / "e2e_cpu.json"
-    original = bench.run_interleaved
+    original = harness.run_interleaved
     calls = []
 
     def stop_at_second_batch(variants, input_ids, **kwargs):
@@ -92,12 +92,12 @@ def test_stopped_run_keeps_its_finished_batch_sizes(tmp_path, monkeypatch):
             raise KeyboardInterrupt("time limit")  # what `timeout` does to the process, in effect
         return original(variants, input_ids, **kwargs)
 
-    monkeypatch.setattr(bench, "run_interleaved", stop_at_second_batch)
+    monkeypatch.setattr(harness, "run_interleaved", stop_at_second_batch)
     argv = ["--model", "tiny", "--device", "cpu", "--reps", "1", "--new-tokens", "2",
             "--batch-sizes", "1", "2", "--adapters", "3", "--forms", "op",
             "--cache-dir", str(tmp_path / "cache"), "--out", str(out)]
     with pytest.raises(KeyboardInterrupt):
-        bench.main(argv)
+        harness.main(argv)
     result = json.loads(out.read_text())
     assert calls == [1, 2] and result["complete"] is False
     assert {r["batch"] for r in result["e2e"]} == {1} and "dlp_N3" in {r["variant"] for r in result["e2e"]}
@@ -119,12 +119,12 @@ def test_decode_breakdown_rows_weights_model_and_table(tmp_path):
     argv = ["--model", "tiny", "--device", "cpu", "--breakdown", "--reps", "2", "--new-tokens", "3",
             "--adapters", "6", "--forms", "bmm", "op",
             "--cache-dir", str(tmp_path / "cache"), "--out", str(out)]
-    assert bench.main(argv) == 0
+    assert harness.main(argv) == 0
     result = json.loads(out.read_text())
     rows = {r["variant"]: r for r in result["breakdown"]}
     assert list(rows) == ["base", "peft_single", "dlp_N6", "meteora_bmm_N6", "meteora_op_N6"]
 
-    shape = bench.MODELS["tiny"]
+    shape = workload.MODELS["tiny"]
     h, inter, kv = shape.hidden_size, shape.intermediate_size, shape.num_key_value_heads * (
         shape.hidden_size // shape.num_attention_heads)
     per_layer = [(h, h), (h, kv), (h, kv), (h, h), (h, inter), (h, inter), (inter, h)]  # (d_in, d_out)
@@ -178,7 +178,7 @@ def test_decode_breakdown_on_gpu_counts_kernels(tmp_path):
     out = tmp_path / "decode_breakdown_gpu.json"
     argv = ["--model", "tiny", "--device", "cuda", "--breakdown", "--reps", "1", "--new-tokens", "3",
             "--adapters", "6", "--forms", "op", "--cache-dir", str(tmp_path / "cache"), "--out", str(out)]
-    assert bench.main(argv) == 0
+    assert harness.main(argv) == 0
     rows = {r["variant"]: r for r in json.loads(out.read_text())["breakdown"]}
     for name, row in rows.items():
         prof = row["profile_per_decode_step"]
@@ -246,21 +246,21 @@ def test_compile_option_times_compiled_decode(tmp_path):
     """--compile: generate() gets a static cache and a CompileConfig, and the timed decode is compiled."""
     import torch
 
-    settings = bench.BenchSettings(model=bench.TINY_MODEL, compile=True)
-    base = bench.build_base_model(settings.model, device="cpu", dtype=torch.float32, seed=0)
-    dirs = bench.ensure_peft_adapters(base, settings.model, 4, rank=4, alpha=8, seed=0, cache_dir=tmp_path)
-    banks = bench.load_banks([4], dirs, torch.float32, "cpu")
-    variant = bench.mixture_variant(base, banks[4], 4, 2)
-    options = bench.generate_options(settings)
+    settings = workload.BenchSettings(model=workload.TINY_MODEL, compile=True)
+    base = workload.build_base_model(settings.model, device="cpu", dtype=torch.float32, seed=0)
+    dirs = workload.ensure_peft_adapters(base, settings.model, 4, rank=4, alpha=8, seed=0, cache_dir=tmp_path)
+    banks = workload.load_banks([4], dirs, torch.float32, "cpu")
+    variant = variants.mixture_variant(base, banks[4], 4, 2)
+    options = timing.generate_options(settings)
     assert options["cache_implementation"] == "static" and options["compile_config"]._compile_all_devices
     assert torch._dynamo.config.recompile_limit >= 256  # 20 module trees share the traced code objects
-    ids = bench.random_prompts(2, settings, settings.model.vocab_size)[:, :12]
+    ids = workload.random_prompts(2, settings, settings.model.vocab_size)[:, :12]
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
-    timing = bench.time_generate(variant, ids, 4, options)
-    assert timing["decode_s"] > 0 and timing["prefill_s"] > 0
+    timed = timing.time_generate(variant, ids, 4, options)
+    assert timed["decode_s"] > 0 and timed["prefill_s"] > 0
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1, "nothing was compiled"
-    assert bench.generate_options(bench.BenchSettings()) == {}
+    assert timing.generate_options(workload.BenchSettings()) == {}
     torch._dynamo.reset()
 
 
@@ -268,7 +268,7 @@ def test_variants_filter_keeps_base(tmp_path):
     """--variants runs only the matching variants, plus base (every ratio needs it)."""
     argv = ["--model", "tiny", "--device", "cpu", "--reps", "1", "--new-tokens", "2", "--batch-sizes", "1",
             "--adapters", "3", "--variants", "dlp_N*", "meteora_op_*", "--cache-dir", str(tmp_path)]
-    result = bench.run(bench.add_arguments(argparse.ArgumentParser()).parse_args(argv))
+    result = harness.run(harness.add_arguments(argparse.ArgumentParser()).parse_args(argv))
     assert [r["variant"] for r in result["e2e"]] == ["base", "dlp_N3", "meteora_op_N3"]
     assert "variants=('dlp_N*', 'meteora_op_*')" in result["config"]["preset"]
 
@@ -282,8 +282,8 @@ def test_goals_use_the_device_limits():
     rows = [row("base", "base", 1.0, 10.0, n=None), row("dlp_N26", "dlp", 1.12, 11.2),
             row("meteora_op_N26", "meteora", 1.5, 15.0, form="op"),
             row("meteora_bmm_N26", "meteora", 2.5, 25.0, form="bmm")]
-    cpu = {g["goal"]: g for g in bench.evaluate_goals(rows, "cpu")}
-    gpu = {g["goal"]: g for g in bench.evaluate_goals(rows, "cuda")}
+    cpu = {g["goal"]: g for g in report.evaluate_goals(rows, "cpu")}
+    gpu = {g["goal"]: g for g in report.evaluate_goals(rows, "cuda")}
     assert [(g["limit"], g["met"]) for g in cpu.values() if "N=26, batch 1" in g["goal"]] == [(1.10, False)]
     assert [(g["limit"], g["met"]) for g in gpu.values() if "N=26, batch 1" in g["goal"]] == [(1.15, True)]
     for goals in (cpu, gpu):

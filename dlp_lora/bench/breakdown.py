@@ -1,8 +1,8 @@
 """Where a decode step's time goes, variant by variant (``dlp-lora bench --breakdown``).
 
-Issue 4 asks, where a goal is missed, by how much and why. Its MeteoRA goal (token-level gating
-costs at least 2x DLP-LoRA's decode time) is a claim about what a decode step does, so this run
-measures that, at batch 1, for ``base``, ``peft_single``, ``dlp_N`` and ``meteora_<form>_N``:
+Where a goal is missed, this says by how much and why. The MeteoRA goal (token-level gating costs
+at least 2x DLP-LoRA's decode time) is a claim about what a decode step does, so this run measures
+that, at batch 1, for ``base``, ``peft_single``, ``dlp_N`` and ``meteora_<form>_N``:
 
 * ``weights_mb_per_token``: the weight bytes one decode step must read at least once (a model, not
   a measurement): every Linear of the base model (lm_head included), plus the adapters the variant
