@@ -292,7 +292,8 @@ def render_ops(path: Path) -> str:
               "speedup", "goal", "met", "MB moved", "cpp GB/s"]
     what = data.get("what", "multi-LoRA op")
     goals = data.get("summary", {}).get("goals", {})
-    goal_text = "; ".join(f"{phase}: the cpp backend {_ops_goal_in_words(rule)}" for phase, rule in goals.items())
+    goal_text = "; ".join(f"{phase}: the cpp backend {_ops_goal_in_words(rule)}"
+                          for phase, rule in goals.items())
     head = (f"**Kernel microbenchmarks**: {what}; median [IQR] over pytest-benchmark rounds. "
             "speedup = best baseline time / cpp time; "
             + (f"goal, per phase: {goal_text}." if goal_text else "goal: the speedup it must reach."))
@@ -305,7 +306,8 @@ def _ops_goal_in_words(rule: str) -> str:
         return f"at least {rule[2:].strip().split('x')[0]}x faster than the better baseline"
     if rule.startswith("within"):
         factor = rule.split()[1]
-        return f"at most {factor} slower than the better baseline ({rule[len('within ' + factor):].strip(' ()')})"
+        detail = rule[len("within " + factor):].strip(" ()")
+        return f"at most {factor} slower than the better baseline ({detail})"
     return rule
 
 
@@ -387,13 +389,15 @@ def render_headline(results_dir: Path) -> str | None:
                     and r["variant"] == f"dlp_N{r['n_adapters']}" and r["n_adapters"] > 1)
 
         def goal_for(prefix: str, suffix: str = "") -> dict | None:
-            return next((g for g in goals if g["goal"].startswith(prefix) and g["goal"].endswith(suffix)), None)
+            return next((g for g in goals
+                         if g["goal"].startswith(prefix) and g["goal"].endswith(suffix)), None)
 
         for n in ns:
             goal = goal_for(f"DLP-LoRA N={n}, batch 1")
             rows.append([f"DLP-LoRA decode time / base model; {k} of {_adapters(n)} fused",
                          f"at most {(goal['limit'] - 1) * 100:.0f}% slower than the model without adapters"
-                         if goal else "no goal set", _headline_ratio(by_variant[f"dlp_N{n}"], "base"), _met(goal)])
+                         if goal else "no goal set",
+                         _headline_ratio(by_variant[f"dlp_N{n}"], "base"), _met(goal)])
         for n in ns:
             rows.append([f"DLP-LoRA decode time / PEFT serving one adapter; {k} of {_adapters(n)} fused",
                          "no goal set: what mixing costs over plain single-adapter LoRA",

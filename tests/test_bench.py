@@ -1,7 +1,7 @@
-"""Smoke test of the benchmark harness (dlp_lora.bench) and the README table generator.
+"""Smoke test of the benchmark harness (dlp_lora.bench) and the docs table generator.
 
 A tiny Llama, 2 rounds of 3 tokens: the numbers mean nothing, the test checks that every variant
-runs, that the JSON holds what the README and the lead need (machine, versions, medians, spread,
+runs, that the JSON holds what the generated tables need (machine, versions, medians, spread,
 paired ratios, goals, the mixtures used), that the plot is written, and that
 benchmarks/make_readme_tables.py puts the tables between the markers and nowhere else.
 """
