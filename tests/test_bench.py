@@ -1,7 +1,7 @@
-"""Smoke test of the benchmark harness (dlp_lora.bench) and the README table generator.
+"""Smoke test of the benchmark harness (dlp_lora.bench) and the docs table generator.
 
 A tiny Llama, 2 rounds of 3 tokens: the numbers mean nothing, the test checks that every variant
-runs, that the JSON holds what the README and the lead need (machine, versions, medians, spread,
+runs, that the JSON holds what the generated tables need (machine, versions, medians, spread,
 paired ratios, goals, the mixtures used), that the plot is written, and that
 benchmarks/make_readme_tables.py puts the tables between the markers and nowhere else.
 """
@@ -210,6 +210,56 @@ def test_readme_tables_ops_section_and_missing_markers(tmp_path, capsys):
     assert readme.read_text() == "no markers here\n"
     captured = capsys.readouterr()
     assert "has no <!-- BENCH:ops -->" in captured.err and "| decode | fp32 |" in captured.out
+
+
+
+def test_headline_table_goes_to_the_readme_and_every_table_to_the_docs(tmp_path):
+    """The README's one headline table: DLP-LoRA against the base model, PEFT and token-level gating
+    (from the full end-to-end run) and the demo's accuracy, each with its goal in words; the same
+    run's full tables go to the other target (docs/benchmarks.md), whose markers the README lacks."""
+    def row(variant, family, n, to_base, to_peft):
+        ratio = lambda m: {"median": m, "iqr": 0.05, "n": 3}
+        return {"variant": variant, "family": family, "batch": 1, "n_adapters": n, "form": None,
+                "decode_ms_per_token": {"median": 10 * to_base, "iqr": 0.1}, "tokens_per_s": 100 / to_base,
+                "ratio_to_base": ratio(to_base), "ratio_to_peft_single": ratio(to_peft)}
+
+    model = {"hidden_size": 64, "num_hidden_layers": 2, "parameters": 1e6}
+    e2e = {"machine": {"cpu": "some cpu"}, "config": {
+               "preset": "full", "model": model, "dtype": "float32", "prompt_len": 8, "new_tokens": 4,
+               "rank": 8, "target_modules": ["q_proj"], "top_p": 0.6, "max_loras": 3, "reps": 3},
+           "e2e": [row("base", "base", None, 1.0, 0.9), row("peft_single", "peft", 1, 1.1, 1.0),
+                   row("dlp_N26", "dlp", 26, 1.0432, 0.9512), row("meteora_op_N26", "meteora", 26, 1.3, 1.2)],
+           "goals": [{"goal": "DLP-LoRA N=26, batch 1: <= 1.10x base decode time", "measured": 1.0432,
+                      "limit": 1.1, "met": True},
+                     {"goal": "MeteoRA best form >= 2x dlp_N26 time (batch 1)", "measured": 1.2462,
+                      "limit": 2.0, "met": False, "best_form": "op"}]}
+    demo = {"machine": {"cpu": "some cpu"}, "tasks": ["a", "b"], "top_p": 0.6, "decode_ratio_to_base": {},
+            "rows": [{"task": "average", "n": 20, "base": 5.0, "oracle": 95.0, "dlp": 95.0, "router": 100.0}]}
+    results = tmp_path / "results"
+    results.mkdir()
+    (results / "e2e_cpu.json").write_text(json.dumps(e2e))
+    (results / "demo_composite.json").write_text(json.dumps(demo))
+    readme, docs = tmp_path / "README.md", tmp_path / "benchmarks.md"
+    readme.write_text("intro\n<!-- BENCH:headline -->\n<!-- /BENCH:headline -->\noutro\n")
+    docs.write_text("<!-- BENCH:e2e -->\n<!-- /BENCH:e2e -->\n")
+    tables = _load_tables_script()
+    argv = ["--target", str(readme), "--target", str(docs), "--results", str(results)]
+    assert tables.main(argv) == 0
+    text = readme.read_text()
+    assert text.startswith("intro\n") and text.endswith("<!-- /BENCH:headline -->\noutro\n")
+    assert ("| DLP-LoRA decode time / base model; 3 of 26 adapters fused | at most 10% slower than the "
+            "model without adapters | 1.04x [0.05] | yes |") in text
+    assert "| DLP-LoRA decode time / PEFT serving one adapter; 3 of 26 adapters fused |" in text
+    assert "| 0.95x [0.05] | - |" in text
+    assert "| 1.25x | **no** |" in text and "at least 2x" in text
+    assert "| 95.0% (oracle 95.0%, base 5.0%, router accuracy 100.0%) | yes |" in text
+    assert "e2e_cpu.json" in text and "demo_composite.json" in text
+    assert "BENCH:e2e" not in text and "| dlp_N26 |" not in text  # the full tables are the docs' job
+    body = docs.read_text()
+    assert "| 1 | dlp_N26 | 26 |" in body and "BENCH:headline" not in body
+    # every goal row says its goal in words beside the measured value
+    assert "one sequence fusing 3 of a bank of 26 adapters decodes at most 10% slower per token" in body
+    assert "takes at least 2x DLP-LoRA's decode time per token" in body
 
 
 def test_layer_summary_drops_samples_and_adds_ratios(tmp_path):
