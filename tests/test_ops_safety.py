@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from op_cases import OpCase, OpTensors, assert_matches_reference
+from op_cases import ALIASABLE, OpCase, OpTensors, alias_y, assert_matches_reference
 
 from dlp_lora import ops
 from dlp_lora.ops import MultiLoRAArgumentError
@@ -20,28 +20,14 @@ from dlp_lora.ops import MultiLoRAArgumentError
 BACKENDS = [b for b in ("reference", "cpp", "triton") if b in ops.available_backends("cpu")]
 # d_in == d_out so that x and y can be views of one buffer
 CASE = OpCase(d_in=24, d_out=24, N=3, r=4, K=2, seg_lengths=(3, 0, 5), seed=11, empty_slot_prob=0.0)
-INPUTS = ("x", "lora_a", "lora_b", "seg_indptr", "lora_ids", "lora_weights")
 
 
 def _aliased(name: str, shift: int) -> OpTensors:
-    """The case's tensors with y placed in the storage of input ``name``, starting ``shift``
-    elements before that input's end (shift >= y.numel(): y lies inside it)."""
-    args = CASE.tensors(torch.float32)._asdict()
-    target, y = args[name], args["y"]
-    buf = torch.empty(target.numel() + y.numel(), dtype=target.dtype)
-    aliased_target = buf[: target.numel()].view(target.shape)
-    start = target.numel() - shift
-    y_view = buf[start : start + y.numel()]
-    if target.dtype != torch.float32:
-        y_view = y_view.view(torch.float32)  # int32 buffers: same element size
-    y_view = y_view.view(y.shape)
-    y_view.copy_(y)
-    aliased_target.copy_(target)  # the input keeps valid values where y overlaps it
-    args[name], args["y"] = aliased_target, y_view
-    return OpTensors(**args)
+    """The case's fp32 tensors with y sharing ``shift`` elements' worth of bytes with input ``name``."""
+    return alias_y(CASE.tensors(torch.float32), name, overlap_bytes=4 * shift)
 
 
-OVERLAPS = [(name, 1) for name in INPUTS] + [("x", CASE.T * 24), ("lora_a", 3 * 4 * 24)]
+OVERLAPS = [(name, 1) for name in ALIASABLE] + [("x", CASE.T * 24), ("lora_a", 3 * 4 * 24)]
 
 
 def _overlap_id(p):
