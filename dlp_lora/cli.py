@@ -225,9 +225,11 @@ def cmd_generate(args) -> int:
     router = Router.load(router_dir) if router_dir else None
     if router is not None:
         check_router_matches(router, bank.names, tokenizer)
+    from safetensors import SafetensorError
+
     try:
         model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype).to(device).eval()
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, SafetensorError) as e:  # SafetensorError: a damaged weights file
         raise CLIError(f"--model: no causal LM could be loaded from {model_dir} ({_one_line(e)})") from None
     patch_model(model, bank, router, top_p=args.top_p, max_loras=args.max_loras, reroute=args.reroute,
                 tokenizer=tokenizer)

@@ -168,3 +168,12 @@ def test_jsonl_reader_reports_json(tmp_path):
     data.write_text(json.dumps({"text": "a", "task": "x"}) + "\n" + '{"text": 1}\n')
     with pytest.raises(CLIError, match="line 2"):
         cli.read_task_jsonl(data)
+
+
+def test_truncated_model_weights(art, capsys, tmp_path):
+    model = _copy(art["model"], tmp_path / "model")
+    weights = model / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:64])
+    code = main(["generate", "--model", str(model), "--adapters", *_adapter_args(art["adapters"]),
+                 "--mixture", "reverse=1", "--prompt", "reverse ab="])
+    _assert_one_line_error(capsys, code, "--model", str(model))
