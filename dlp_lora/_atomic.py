@@ -1,0 +1,101 @@
+"""Writing a whole output directory atomically: readers see the old directory or the new one, never a mix.
+
+    with atomic_directory("router/") as tmp:       # tmp: an empty directory beside router/
+        save_file(state, str(tmp / "router.safetensors"))
+        (tmp / "router_config.json").write_text(...)
+    # only here, after every file was written, does router/ become the new directory
+
+Every file goes into a fresh temporary directory in the target's parent (the same file system, so
+the final rename is atomic). If the body raises (a full disk, a failed writer), the temporary
+directory is removed and the target is untouched. On success an existing target is renamed aside,
+the new directory renamed in, and the old one deleted; if the swap itself fails, the old directory
+is put back. Files are flushed to disk before the swap, so a crash right after it cannot leave
+empty files behind a new name.
+
+Modes: the new directory and everything in it get what ``mkdir`` / ``open`` give under the user's
+umask (0777 / 0666 less the umask, executables keep their x bits); some writers create 0600 files
+(safetensors writes through a private temporary file), which would hide a shared router from its
+other users. An existing target keeps its own mode.
+
+For any writer of a multi-file result: Router.save, PEFT exports, benchmark result directories.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import stat
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+__all__ = ["atomic_directory"]
+
+
+@contextlib.contextmanager
+def atomic_directory(target: str | Path) -> Iterator[Path]:
+    """Yield an empty temporary directory; on a clean exit it replaces ``target`` (see module docstring).
+
+    Raises NotADirectoryError if ``target`` exists and is not a directory (before yielding), and
+    OSError from the file system (the message names the path). Missing parents are created.
+    """
+    target = Path(target)
+    parent = target.absolute().parent
+    if target.exists() and not target.is_dir():
+        raise NotADirectoryError(f"{target} exists and is not a directory")
+    parent.mkdir(parents=True, exist_ok=True)
+    tmp = _fresh_name(parent, target.name, "tmp")
+    os.mkdir(tmp, 0o777)  # the kernel applies the umask: no process-wide os.umask() round trip
+    umask = ~stat.S_IMODE(os.stat(tmp).st_mode) & 0o777
+    try:
+        yield tmp
+        _normalise_and_flush(tmp, umask)
+        if target.is_dir():
+            os.chmod(tmp, stat.S_IMODE(os.stat(target).st_mode))
+            old = _fresh_name(parent, target.name, "old")
+            os.rename(target, old)
+            try:
+                os.rename(tmp, target)
+            except BaseException:
+                os.rename(old, target)
+                raise
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, target)
+        _fsync_dir(parent)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _fresh_name(parent: Path, name: str, kind: str) -> Path:
+    # hidden, and named after the target, so a leftover of a killed process is recognisable
+    return parent / f".{name}.{uuid.uuid4().hex[:12]}.{kind}"
+
+
+def _normalise_and_flush(root: Path, umask: int) -> None:
+    for dirpath, dirnames, filenames in os.walk(root):
+        for d in dirnames:
+            os.chmod(os.path.join(dirpath, d), 0o777 & ~umask)
+        for f in filenames:
+            path = os.path.join(dirpath, f)
+            mode = os.lstat(path).st_mode
+            if not stat.S_ISREG(mode):
+                continue
+            os.chmod(path, (0o777 if mode & 0o111 else 0o666) & ~umask)
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        _fsync_dir(Path(dirpath))
+
+
+def _fsync_dir(path: Path) -> None:
+    with contextlib.suppress(OSError):  # not every file system can sync a directory
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
