@@ -17,7 +17,8 @@ umask (0777 / 0666 less the umask, executables keep their x bits); some writers 
 (safetensors writes through a private temporary file), which would hide a shared router from its
 other users. An existing target keeps its own mode.
 
-For any writer of a multi-file result: Router.save, PEFT exports, benchmark result directories.
+For any writer of a multi-file result (Router.save, PEFT exports); ``atomic_write_text`` does the
+same for a single file (benchmark results).
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
-__all__ = ["atomic_directory"]
+__all__ = ["atomic_directory", "atomic_write_text"]
 
 
 @contextlib.contextmanager
@@ -67,6 +68,23 @@ def atomic_directory(target: str | Path) -> Iterator[Path]:
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def atomic_write_text(path: str | Path, text: str) -> Path:
+    """Write one file whole: a temporary file beside ``path``, flushed, then renamed over it."""
+    path = Path(path)
+    path.absolute().parent.mkdir(parents=True, exist_ok=True)
+    tmp = _fresh_name(path.absolute().parent, path.name, "tmp")
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:  # open() applies the umask
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path
 
 
 def _fresh_name(parent: Path, name: str, kind: str) -> Path:

@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 
 from .adapters import AdapterLoadError, AdapterModule, check_adapter_module, read_peft_adapter
+from .ops.reference import accumulation_dtype
 
 __all__ = ["LoRABank", "ModuleLoRA", "AdapterLoadError", "read_peft_adapter"]
 
@@ -280,7 +281,7 @@ def _stack_module(
             )
     d_in, d_out = next(iter(shapes.values()))
     r_max = max(a.shape[0] for a, _, _ in present.values())
-    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    acc = accumulation_dtype(dtype)
     lora_a = torch.zeros(len(names), r_max, d_in, dtype=dtype, device=device)
     lora_b = torch.zeros(len(names), d_out, r_max, dtype=dtype, device=device)
     scaling = torch.zeros(len(names), dtype=torch.float32)

@@ -79,6 +79,15 @@ def parse_device(spec: str | None, flag: str = "--device"):
     return device
 
 
+def check_top_p_arg(top_p: float, flag: str = "--top-p") -> None:
+    from .router.top_p import check_top_p
+
+    try:
+        check_top_p(top_p)
+    except ValueError as e:
+        raise CLIError(f"{flag}: {e}") from None
+
+
 def parse_adapters(specs: list[str]) -> dict[str, Path]:
     """`name=DIR` or `DIR` (named by its folder) -> {name: directory}; every directory must exist."""
     adapters: dict[str, Path] = {}
@@ -211,8 +220,7 @@ def cmd_generate(args) -> int:
     prompts = list(args.prompt)
     if any(not p.strip() for p in prompts):
         raise CLIError("--prompt: empty prompt")
-    if not 0.0 < args.top_p <= 1.0:
-        raise CLIError(f"--top-p must be in (0, 1], got {args.top_p}")
+    check_top_p_arg(args.top_p)
     if args.max_new_tokens < 1:
         raise CLIError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     device = parse_device(args.device)
@@ -295,8 +303,7 @@ def cmd_export_mixture(args) -> int:
         raise CLIError("--prompt goes with --router: the router routes the prompt, its choice is exported")
     if args.prompt is not None and not args.prompt.strip():
         raise CLIError("--prompt: empty prompt")
-    if not 0.0 < args.top_p <= 1.0:
-        raise CLIError(f"--top-p must be in (0, 1], got {args.top_p}")
+    check_top_p_arg(args.top_p)
     out = writable_dir(args.out, "--out")
 
     bank = LoRABank.from_peft(adapters)

@@ -177,3 +177,20 @@ def test_truncated_model_weights(art, capsys, tmp_path):
     code = main(["generate", "--model", str(model), "--adapters", *_adapter_args(art["adapters"]),
                  "--mixture", "reverse=1", "--prompt", "reverse ab="])
     _assert_one_line_error(capsys, code, "--model", str(model))
+
+
+@pytest.mark.parametrize("flag", ["--out", "--plot"])
+def test_bench_output_checked_before_the_run(capsys, tmp_path, monkeypatch, flag):
+    """A bench output that cannot be written fails at once, naming the flag, before any model is built."""
+    from dlp_lora.bench import harness
+
+    def never(*args, **kwargs):
+        raise AssertionError("the benchmark started before its output path was checked")
+
+    monkeypatch.setattr(harness, "build_base_model", never)
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    code = main(["bench", "--model", "tiny", flag, str(blocker / "result.json")])
+    _assert_one_line_error(capsys, code, flag)
+    code = main(["bench", "--model", "tiny", flag, str(tmp_path)])
+    _assert_one_line_error(capsys, code, "is a directory")

@@ -77,7 +77,7 @@ def test_disjoint_views_of_one_buffer_are_fine():
 def test_compiled_op_refuses_overlap_when_called_directly(name, shift):
     args = _aliased(name, shift)
     with pytest.raises(RuntimeError, match=f"`y` overlaps `{name}` in memory"):
-        torch.ops.dlp_lora_C.multi_lora(*args)
+        torch.ops.dlp_lora.multi_lora(*args)
 
 
 @pytest.mark.skipif("triton" not in BACKENDS, reason="triton is not usable here")

@@ -211,9 +211,26 @@ def settings_from_args(args: argparse.Namespace) -> BenchSettings:
 
 
 
+def check_output(path: Path | None, flag: str) -> None:
+    """Refuse, before any work, an output file that could not be written at the end of a long run."""
+    if path is None:
+        return
+    if path.is_dir():
+        raise ValueError(f"{flag}: {path} is a directory; give a file name")
+    parent = path.absolute().parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise ValueError(f"{flag}: cannot create {path}: {parent} is not a directory")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ValueError(f"{flag}: cannot write {path}: {parent} is not writable")
+
+
 def run(args: argparse.Namespace) -> dict:
     from tqdm.auto import tqdm
 
+    check_output(args.out, "--out")
+    check_output(args.plot, "--plot")
     settings = settings_from_args(args)
     if args.threads:
         torch.set_num_threads(args.threads)

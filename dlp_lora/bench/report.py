@@ -7,6 +7,7 @@ import statistics
 from collections.abc import Sequence
 from pathlib import Path
 
+from .._atomic import atomic_write_text
 from .provenance import load_average
 from .timing import quartiles
 from .variants import Variant
@@ -135,9 +136,8 @@ def _errorline(ax, pts, **kwargs):
 def save_result(result: dict, out: Path | None, load_start) -> None:
     """Stamp the load average at the end and write ``result`` to ``out`` (if given) as JSON."""
     result["load_average"] = {"start": load_start, "end": load_average()}
-    if out:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(result, indent=1, default=str) + "\n")
+    if out:  # whole or not at all: a run stopped mid-write keeps the previous file
+        atomic_write_text(out, json.dumps(result, indent=1, default=str) + "\n")
 
 
 def print_summary(result: dict) -> None:
