@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -140,7 +141,8 @@ def test_decode_breakdown_rows_weights_model_and_table(tmp_path):
     for name, row in rows.items():
         prof = row["profile_per_decode_step"]
         assert set(prof["cpu_ms"]) == {*decode_breakdown.CATEGORIES, "ops_total", "outside_ops"}
-        assert prof["calls"] > 0 and prof["wall_ms"] > 0 and row["ratio_to_base"]["n"] == 2
+        # times are differences of two runs: at this tiny size only their presence is checked
+        assert prof["calls"] > 0 and math.isfinite(prof["wall_ms"]) and row["ratio_to_base"]["n"] == 2
         # only the variants that call the multi-LoRA op call it (its time at this tiny size is noise)
         assert (prof["calls_by_category"]["lora_op"] > 0) == (name in ("dlp_N6", "meteora_op_N6")), name
     # MeteoRA gates every module at every step: more operator calls than DLP-LoRA's one op per module
