@@ -11,6 +11,7 @@ whichever target file holds those markers (by default README.md and docs/benchma
   layer      layer_*.json               benchmarks/summarize_layer.py's compact bench_layer.py JSON
   e2e        e2e_*.json                 dlp-lora bench (dlp_lora/bench/harness.py)
   breakdown  decode_breakdown_*.json    dlp-lora bench --breakdown
+  loraflow   loraflow_e2e_*.json        dlp-lora bench --loraflow (LoRA-Flow against DLP-LoRA)
   demo       demo*.json                 the composite-task demo (make demo)
 
 Numbers in the docs come from here, never typed by hand. A result file that is missing leaves its
@@ -371,6 +372,42 @@ def render_demo(path: Path) -> str:
     return "\n".join([head, "", _provenance(data, path), "", md_table(header, rows)])
 
 
+# ----------------------------------------------------------------------------- LoRA-Flow (bench --loraflow)
+
+LORAFLOW_FAMILIES = ("base", "peft", "dlp", "meteora", "loraflow")
+
+
+def render_loraflow(path: Path) -> str:
+    """LoRA-Flow-style fusion (K of N adapters, a gate per decoder layer, token-level weights) beside
+    DLP-LoRA at the same N, in one interleaved run: decode time, and paired ratios to base and to
+    dlp_N (DLP-LoRA, K=max_loras per sequence)."""
+    result = json.loads(path.read_text())
+    cfg, model = result["config"], result["config"]["model"]
+    head = (f"**LoRA-Flow against DLP-LoRA, end to end** ({_preset(result)}): "
+            f"Llama h={model['hidden_size']}, {model['num_hidden_layers']} layers, "
+            f"{model['parameters'] / 1e6:.0f}M parameters, {cfg['dtype']}; "
+            f"{cfg['prompt_len']}-token prompt, {cfg['new_tokens']} new tokens, r={cfg['rank']} on "
+            f"{len(cfg['target_modules'])} projections; median of {cfg['reps']} interleaved rounds [IQR]. "
+            f"`loraflow_<form>_k<K>_N<N>`: a random gate per decoder layer weights adapters 0..K-1 at every "
+            f"token (form `loop`: plain torch, one pass per adapter; `op`: our op, one segment per token); "
+            f"`dlp_N<N>`: every sequence its own mixture of {cfg['max_loras']} adapters, fixed per sequence. "
+            f"x DLP-LoRA: median over rounds of the paired ratio to `dlp_N<N>` at the same batch.")
+    rows = []
+    for r in result["e2e"]:
+        if r["family"] not in LORAFLOW_FAMILIES or (r["family"] == "peft" and r["variant"] != "peft_single"):
+            continue
+        d, n = r["decode_ms_per_token"], r.get("n_adapters")
+        dlp = _ratio(r, f"dlp_N{n}") if r["family"] in ("meteora", "loraflow") else "-"
+        rows.append([r["batch"], r["variant"], n, r.get("k"), f"{d['median']:.2f} [{d['iqr']:.2f}]",
+                     f"{r['tokens_per_s']:.1f}", _ratio(r, "base"), dlp])
+    parts = [head, "", _provenance(result, path), "",
+             md_table(["batch", "variant", "N", "K", "decode ms/token", "tokens/s", "x base", "x DLP-LoRA"],
+                      rows)]
+    if result.get("arguments"):
+        parts += ["", f"Rerun: `{rerun_command(result['arguments'])}`"]
+    return "\n".join(parts)
+
+
 # ----------------------------------------------------------------------------- headline (README)
 
 def render_headline(results_dir: Path) -> str | None:
@@ -459,6 +496,7 @@ SECTIONS: dict[str, tuple[str, Callable[[Path], str]]] = {
     "layer": ("layer_*.json", render_layer),
     "e2e": ("e2e_*.json", render_e2e),
     "breakdown": ("decode_breakdown_*.json", render_breakdown),
+    "loraflow": ("loraflow_e2e_*.json", render_loraflow),
     "demo": ("demo*.json", render_demo),
 }
 

@@ -81,6 +81,37 @@ def test_bench_harness_and_readme_tables(tmp_path):
     assert "Incomplete" not in text
 
 
+def test_bench_loraflow_variants_and_table(tmp_path):
+    """--loraflow adds LoRA-Flow at K = max_loras and K = N in both forms to the same interleaved run,
+    with paired ratios to DLP-LoRA, and its table is generated between its own markers."""
+    out = tmp_path / "results" / "loraflow_e2e_cpu.json"
+    argv = ["--model", "tiny", "--device", "cpu", "--reps", "2", "--new-tokens", "3", "--loraflow",
+            "--batch-sizes", "1", "2", "--adapters", "6", "--variants", "peft_single", "dlp_N*", "loraflow*",
+            "--cache-dir", str(tmp_path / "cache"), "--out", str(out)]
+    assert harness.main(argv) == 0
+    result = json.loads(out.read_text())
+    assert "loraflow=True" in result["config"]["preset"]
+    flow = {f"loraflow_{form}_k{k}_N6" for form in ("loop", "op") for k in (3, 6)}
+    rows = {(r["variant"], r["batch"]): r for r in result["e2e"]}
+    for batch in (1, 2):
+        assert {name for name, b in rows if b == batch} == {"base", "peft_single", "dlp_N6"} | flow
+    for name in flow:
+        row = rows[(name, 2)]
+        assert row["family"] == "loraflow" and row["k"] == int(name.split("_k")[1].split("_")[0])
+        assert row["ratio_to_dlp_N6"]["n"] == 2 and row["ratio_to_base"]["n"] == 2
+    assert rows[("dlp_N6", 1)]["ratio_to_dlp_N6"]["median"] == pytest.approx(1.0)
+
+    readme = tmp_path / "README.md"
+    readme.write_text("<!-- BENCH:loraflow -->\n<!-- /BENCH:loraflow -->\n"
+                      "<!-- BENCH:e2e -->\n<!-- /BENCH:e2e -->\n")
+    assert _load_tables_script().main(["--readme", str(readme), "--results", str(out.parent)]) == 0
+    text = readme.read_text()
+    loraflow_part = text.split("<!-- /BENCH:loraflow -->")[0]
+    assert "| 2 | loraflow_op_k6_N6 | 6 | 6 |" in loraflow_part and "| 1 | dlp_N6 | 6 | 3 |" in loraflow_part
+    # the LoRA-Flow file is not an e2e_*.json: the e2e section (and README's headline) never read it
+    assert text.endswith("<!-- BENCH:e2e -->\n<!-- /BENCH:e2e -->\n")
+
+
 def test_stopped_run_keeps_its_finished_batch_sizes(tmp_path, monkeypatch):
     """A run killed by a time limit (gpu_check.sh's steps) leaves the batch sizes it finished, marked."""
     out = tmp_path / "results" / "e2e_cpu.json"

@@ -1,13 +1,15 @@
-"""End-to-end decode benchmark: DLP-LoRA against the base model, PEFT and MeteoRA-style gating.
+"""End-to-end decode benchmark: DLP-LoRA against the base model, PEFT, MeteoRA-style gating and LoRA-Flow.
 
     dlp-lora bench --out benchmarks/results/e2e_cpu.json            # short preset (~3 min, 2 idle cores)
     dlp-lora bench --full --out benchmarks/results/e2e_cpu.json     # the complete configuration
     python -m dlp_lora.bench --help
 
 The short preset keeps the model, prompt and batch sizes but runs only N=26, MeteoRA's strongest
-form (op), 16 new tokens and 2 rounds, without the scaling sweep. ``--full``: N in {1, 26, 100},
-all three MeteoRA forms, 64 new tokens, 9 rounds, plus the sweep (~60 min at 1 thread; with 5 rounds,
-one or two disturbed rounds moved a median by 30% on a shared 2-core machine).
+form (op), 16 new tokens and 2 rounds, without the scaling sweep or LoRA-Flow. ``--full``: N in
+{1, 26, 100}, all three MeteoRA forms, LoRA-Flow (both forms, K = 3 and K = N), 64 new tokens,
+9 rounds, plus the sweep (~60 min at 1 thread without LoRA-Flow, whose K = N loop form alone is the
+slowest variant; with 5 rounds, one or two disturbed rounds moved a median by 30% on a shared 2-core
+machine).
 On a machine shared with other work, use ``--threads 1``: two OpenMP threads whose barriers wait
 on descheduled threads made decode ~15x slower here, and the ratios meaningless.
 
@@ -23,7 +25,9 @@ What one run does (every number it reports comes from this run):
   sequence its own mixture of K=3 adapters through use_mixture) and ``dlp_router_N`` (patch_model
   with a Router, top_p=0.6, max_loras=3), and ``meteora_{loop,bmm,op}_N`` (dlp_lora.bench.baselines,
   top-2 token gating); on a GPU with both kernels, ``dlp_cuda_N`` too (``dlp_N`` with the compiled
-  CUDA kernel instead of the automatic Triton one);
+  CUDA kernel instead of the automatic Triton one); with ``--loraflow`` (or ``--full``),
+  ``loraflow_{loop,op}_k{K}_N`` (dlp_lora.bench.loraflow: a gate per decoder layer, token-level
+  weights over adapters 0..K-1, K = 3 and K = N);
 * greedy ``generate()`` of ``new_tokens`` tokens after a ``prompt_len``-token random prompt, every
   sequence of a batch its own prompt (so its own mixture); one warm-up per variant, then
   ``reps`` rounds that visit every variant once (round-robin, the order rotated each round);
@@ -44,7 +48,8 @@ Routing, honestly: ``dlp_N`` fixes the mixtures (sequence i: adapters 3i..3i+2, 
 1/7), so the 8 sequences of a batch have 8 different mixtures; the router is
 bypassed. ``dlp_router_N`` runs the real path with a Router of random (untrained) weights: its
 nearly uniform softmax makes top_p=0.6 keep max_loras=3 adapters, but different prompts often
-share one set. The JSON records the mixtures each sequence used. The MeteoRA gates are random.
+share one set. The JSON records the mixtures each sequence used. The MeteoRA and LoRA-Flow gates are
+random (their speed does not depend on what a gate learned).
 """
 
 from __future__ import annotations
@@ -63,7 +68,7 @@ import torch
 from .provenance import load_average, machine_info, timestamp, versions
 from .report import evaluate_goals, plot_scaling, print_summary, save_result, summarize
 from .timing import generate_options, run_interleaved, time_generate
-from .variants import Variant, main_variants, meteora_variant, mixture_variant, used_mixtures
+from .variants import Variant, loraflow_ks, main_variants, meteora_variant, mixture_variant, used_mixtures
 from .workload import (
     FORMS,
     FULL,
@@ -91,7 +96,7 @@ from .workload import (
 
 def run_e2e(base, banks: dict, adapter_dirs, settings: BenchSettings, progress,
             on_batch_done: Callable[[list[dict]], None] | None = None) -> list[dict]:
-    """The main table: every variant, every batch size, ratios to base and peft_single.
+    """The main table: every variant, every batch size, ratios to base, peft_single and dlp_N<n>.
 
     ``on_batch_done(rows so far)`` runs after each batch size (run() saves a partial result there).
     """
@@ -107,7 +112,9 @@ def run_e2e(base, banks: dict, adapter_dirs, settings: BenchSettings, progress,
         progress.set_description(f"e2e batch {batch}")
         samples = run_interleaved(active, prompts, new_tokens=settings.new_tokens, reps=settings.reps,
                                   warmup_tokens=settings.warmup_tokens, progress=progress, options=options)
-        batch_rows = summarize(active, samples, batch, references=("base", "peft_single"))
+        # paired ratios to DLP-LoRA too, so token-level baselines compare with it round by round
+        references = ("base", "peft_single", *(f"dlp_N{n}" for n in settings.adapter_counts))
+        batch_rows = summarize(active, samples, batch, references=references)
         for row, v in zip(batch_rows, active, strict=True):
             if v.family == "dlp":
                 mixtures = used_mixtures(v)
@@ -169,6 +176,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         help="every variant generates with a static KV cache and transformers' automatic "
                              "torch.compile of the decode steps (inductor, mode='reduce-overhead': CUDA "
                              "graphs on a GPU); the first generate() of each variant compiles")
+    parser.add_argument("--loraflow", action=argparse.BooleanOptionalAction, default=None,
+                        help="add the LoRA-Flow variants loraflow_{loop,op}_k{3,N}_N (default: only with "
+                             "--full)")
     parser.add_argument("--variants", nargs="+", default=None, metavar="PATTERN",
                         help="run only the variants matching these fnmatch patterns (e.g. 'dlp_N*' "
                              "'meteora_op_*'); base always runs (the ratios need it)")
@@ -198,6 +208,7 @@ def settings_from_args(args: argparse.Namespace) -> BenchSettings:
                  "batch_sizes": tuple(args.batch_sizes) if args.batch_sizes else None,
                  "adapter_counts": tuple(args.adapters) if args.adapters else None,
                  "meteora_forms": tuple(args.forms) if args.forms else None, "compile": args.compile,
+                 "loraflow": args.loraflow,
                  "variants": tuple(args.variants) if args.variants else None,
                  "scaling_adapter_counts": tuple(args.scaling_adapters) if args.scaling_adapters else None}
     changed = {k: v for k, v in overrides.items() if v is not None and preset.get(k) != v}
@@ -268,6 +279,9 @@ def run(args: argparse.Namespace) -> dict:
                               "(untrained) weights, top_p and max_loras as above, routed once per prompt "
                               f"(reroute={settings.reroute!r}); scaling sweep: use_mixture with K adapters",
                    "meteora": "one random gate Linear(d_in, N) per module, top-2, softmax(top2 / 1.0)",
+                   "loraflow": "one random gate Linear(hidden, K) per decoder layer on its input hidden "
+                               "state, softmax + bias (0), every token its own weights over adapters "
+                               "0..K-1, K in {min(3, N), N}",
                    "generation": ("static KV cache; decode steps compiled by transformers' automatic "
                                   "torch.compile (CompileConfig defaults: inductor, reduce-overhead)"
                                   if settings.compile else "dynamic KV cache, eager"),
@@ -278,9 +292,10 @@ def run(args: argparse.Namespace) -> dict:
     if args.breakdown:
         return run_breakdown_file(args, settings, result, base, banks, adapter_dirs, load_start)
 
-    per_n = 2 + len(settings.meteora_forms)
-    total = sum((3 + (b > 1) + per_n * len(settings.adapter_counts)) * (settings.reps + 1)
-                for b in settings.batch_sizes)
+    per_n = {n: 2 + len(settings.meteora_forms)
+             + settings.loraflow * len(loraflow_ks(settings, n)) * len(settings.loraflow_forms)
+             for n in settings.adapter_counts}
+    total = sum((3 + (b > 1) + sum(per_n.values())) * (settings.reps + 1) for b in settings.batch_sizes)
     if settings.scaling:
         total += sum((2 + sum(k <= n for k in settings.scaling_ks)) * (settings.scaling_reps + 1)
                      for n in settings.scaling_adapter_counts)

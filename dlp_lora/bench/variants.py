@@ -1,4 +1,5 @@
-"""The variants a benchmark compares: base, PEFT, DLP-LoRA (mixtures and router) and MeteoRA-style gating."""
+"""The variants a benchmark compares: base, PEFT, DLP-LoRA (mixtures and router), MeteoRA-style gating
+and LoRA-Flow-style fusion."""
 
 from __future__ import annotations
 
@@ -18,11 +19,11 @@ class Variant:
     """One way of running generate(): a model plus per-batch generate kwargs and context."""
 
     name: str
-    family: str                        # base | peft | dlp | meteora
+    family: str                        # base | peft | dlp | meteora | loraflow
     model: nn.Module
     n_adapters: int | None = None
     k: int | None = None               # adapters per sequence (scaling sweep)
-    form: str | None = None            # meteora form
+    form: str | None = None            # meteora / loraflow form
     batch_sizes: tuple[int, ...] | None = None   # None: every batch size
     generate_kwargs: Callable[[int], dict] = lambda batch: {}
     context: Callable[[int], contextlib.AbstractContextManager] = lambda batch: contextlib.nullcontext()
@@ -104,6 +105,24 @@ def meteora_variant(base: nn.Module, bank, n: int, form: str, seed: int) -> Vari
     return Variant(f"meteora_{form}_N{n}", "meteora", model, n_adapters=n, k=2, form=form)
 
 
+def loraflow_variant(base: nn.Module, bank, n: int, k: int, form: str, seed: int) -> Variant:
+    """LoRA-Flow-style fusion over adapters 0..k-1 of the bank (every sequence the same k, as a gate
+    is trained over a fixed set), with random gates (dlp_lora.bench.loraflow, init="normal")."""
+    from .baselines import stacks_from_bank
+    from .loraflow import patch_loraflow
+
+    model = patch_loraflow(shared_copy(base), stacks_from_bank(bank), candidates=range(k), form=form,
+                           init="normal", seed=seed)
+    return Variant(f"loraflow_{form}_k{k}_N{n}", "loraflow", model, n_adapters=n, k=k, form=form,
+                   info={"candidates": f"adapters 0..{k - 1} of {n}, the same for every sequence"})
+
+
+def loraflow_ks(settings: BenchSettings, n: int) -> list[int]:
+    """k = DLP-LoRA's max_loras (3), and k = N (the gate over every adapter, LoRA-Flow as published
+    when all N candidates are given)."""
+    return sorted({min(settings.max_loras, n), n})
+
+
 def used_mixtures(variant: Variant) -> list[dict]:
     """The mixture each sequence got at the prefill of the variant's latest generate()."""
     log = getattr(variant.model, "dlp_routing_log", [])
@@ -122,7 +141,8 @@ def _second_gpu_backend(device: str) -> bool:
 
 def main_variants(base, banks: dict, adapter_dirs, settings: BenchSettings,
                   forms: Sequence[str]) -> list[Variant]:
-    """The main table's variants, in table order: base, PEFT, then per N DLP-LoRA and MeteoRA."""
+    """The main table's variants, in table order: base, PEFT, then per N DLP-LoRA, MeteoRA and (with
+    settings.loraflow) LoRA-Flow at k in loraflow_ks, in both forms."""
     variants = [Variant("base", "base", base)]
     variants += peft_variants(base, adapter_dirs, max(settings.batch_sizes))
     for n in settings.adapter_counts:
@@ -134,4 +154,7 @@ def main_variants(base, banks: dict, adapter_dirs, settings: BenchSettings,
             variants.append(mixture_variant(base, banks[n], n, k, name=f"dlp_cuda_N{n}", backend="cuda"))
         variants.append(dlp_router_variant(base, banks[n], settings, n))
         variants += [meteora_variant(base, banks[n], n, form, settings.seed) for form in forms]
+        if settings.loraflow:
+            variants += [loraflow_variant(base, banks[n], n, k, form, settings.seed)
+                         for k in loraflow_ks(settings, n) for form in settings.loraflow_forms]
     return variants

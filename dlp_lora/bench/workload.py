@@ -69,6 +69,8 @@ class BenchSettings:
     scaling_new_tokens: int = 16
     scaling_reps: int = 3
     compile: bool = False
+    loraflow: bool = False                   # LoRA-Flow variants in the main table
+    loraflow_forms: tuple[str, ...] = ("loop", "op")
     variants: tuple[str, ...] | None = None  # fnmatch patterns of the variants to run; base always runs
     seed: int = 0
     model: ModelShape = field(default_factory=lambda: CPU_MODEL)
@@ -77,9 +79,9 @@ class BenchSettings:
 # The default: ~3 minutes on 2 idle cores (batch 8 prefills of 512 tokens dominate). Only N=26 and
 # MeteoRA's strongest form (op), 16 new tokens, 2 rounds; same model, prompt and variants otherwise.
 SHORT = dict(preset="short", new_tokens=16, batch_sizes=(1, 8), adapter_counts=(26,),
-             meteora_forms=("op",), reps=2, scaling=False)
+             meteora_forms=("op",), reps=2, scaling=False, loraflow=False)
 FULL = dict(preset="full", new_tokens=64, batch_sizes=(1, 8), adapter_counts=(1, 26, 100),
-            meteora_forms=FORMS, reps=9, scaling=True, scaling_new_tokens=32, scaling_reps=3)
+            meteora_forms=FORMS, reps=9, scaling=True, scaling_new_tokens=32, scaling_reps=3, loraflow=True)
 
 
 def build_base_model(shape: ModelShape, *, device: str, dtype: torch.dtype, seed: int) -> nn.Module:
