@@ -8,7 +8,9 @@
 #   2. tests   pytest tests/test_ops_gpu.py tests/test_ops_reference.py (triton + cuda vs float64 oracle)
 #              and the patched model's generate() under CUDA graphs (tests/test_compile.py)
 #              and the decode-step breakdown on the GPU (tests/test_bench.py)
-#   3. e2e     dlp-lora bench --device cuda: ~1.1B Llama in bf16, eager, batch 1 and 8, N 26 and 100
+#   3. e2e     dlp-lora bench --device cuda: ~1.1B Llama in bf16, eager, batch 1 and 8, N 26 and 100,
+#              with LoRA-Flow (--loraflow: loraflow_{loop,op}_k{3,N}_N, a gate per layer, token-level
+#              weights; the K = N loop form launches ~5 kernels per adapter and module per step)
 #              -> benchmarks/results/e2e_<gpu>.json (the GPU goals: <= 1.15x / 1.2x base);
 #              the file is saved after each batch size, so a step stopped by its limit keeps batch 1
 #              (marked "complete": false)
@@ -119,8 +121,9 @@ step tests 150 $PY -m pytest -q -p no:cacheprovider -rs --durations=10 \
 
 BENCH=($PY -m dlp_lora.cli bench --device cuda --new-tokens 32 --reps 3)
 
-# 3. End-to-end decode, eager: every variant, batch 1 and 8, N = 26 and 100.
-step e2e 150 "${BENCH[@]}" --adapters 26 100 --forms bmm op --out "benchmarks/results/e2e_${GPU_SLUG}.json"
+# 3. End-to-end decode, eager: every variant (LoRA-Flow included), batch 1 and 8, N = 26 and 100.
+step e2e 240 "${BENCH[@]}" --adapters 26 100 --forms bmm op --loraflow \
+    --out "benchmarks/results/e2e_${GPU_SLUG}.json"
 
 # 4. End-to-end decode, compiled (CUDA graphs), batch 1; each variant compiles once in its warm-up.
 step e2e-compile 200 "${BENCH[@]}" --compile --batch-sizes 1 --adapters 26 100 --forms op \
