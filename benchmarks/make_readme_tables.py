@@ -347,7 +347,8 @@ def render_demo(path: Path) -> str:
     from dlp_lora.demo.evaluate import METHODS
 
     data = json.loads(path.read_text())
-    methods = [m for m in METHODS if m in data.get("decode_ratio_to_base", {})]
+    # files written before LoRA-Flow joined the demo hold no "methods"
+    methods = data.get("methods") or [m for m in METHODS if m in data.get("decode_ratio_to_base", {})]
     header = ["task", "n", *(f"{titles[m]} EM %" for m in methods), "router acc %",
               *(f"{titles[m]} decode time" for m in methods)]
     rows = []
@@ -455,7 +456,8 @@ def render_headline(results_dir: Path) -> str | None:
                      f"{len(demo['tasks'])} tasks",
                      "as good as the oracle, which gives every prompt its own task's adapter",
                      f"{average['dlp']:.1f}% (oracle {average['oracle']:.1f}%, base {average['base']:.1f}%, "
-                     f"router accuracy {average['router']:.1f}%)",
+                     + (f"LoRA-Flow {average['loraflow']:.1f}%, " if "loraflow" in average else "")
+                     + f"router accuracy {average['router']:.1f}%)",
                      "yes" if average["dlp"] >= average["oracle"] else "**no**"])
         sources.append(f"`{_rel(demo_path)}` ({_machine(demo)})")
     note = ("_Ratios: median over interleaved rounds of the paired ratio [IQR]. From "

@@ -295,6 +295,31 @@ def test_headline_table_goes_to_the_readme_and_every_table_to_the_docs(tmp_path)
     assert "takes at least 2x DLP-LoRA's decode time per token" in body
 
 
+def test_demo_table_with_loraflow(tmp_path):
+    """A demo file that evaluated LoRA-Flow gets its accuracy and decode-time columns, and the README's
+    demo row names its accuracy; older files (no "methods") keep their three methods."""
+    scores = {"base": 0.0, "oracle": 90.0, "dlp": 90.0, "loraflow": 70.0, "router": 100.0}
+    rows = [{"task": "a", "n": 10, **scores}, {"task": "average", "n": 10, **scores}]
+    demo = {"machine": {"cpu": "some cpu"}, "tasks": ["a"], "top_p": 0.6, "rows": rows,
+            "methods": ["base", "oracle", "dlp", "loraflow"],
+            "decode_ratio_to_base": {"base": 1.0, "oracle": 1.1, "dlp": 1.2, "loraflow": 2.5}}
+    results = tmp_path / "results"
+    results.mkdir()
+    (results / "demo_composite.json").write_text(json.dumps(demo))
+    readme, docs = tmp_path / "README.md", tmp_path / "benchmarks.md"
+    readme.write_text("<!-- BENCH:headline -->\n<!-- /BENCH:headline -->\n")
+    docs.write_text("<!-- BENCH:demo -->\n<!-- /BENCH:demo -->\n")
+    assert _load_tables_script().main(["--target", str(readme), "--target", str(docs),
+                                       "--results", str(results)]) == 0
+    body = docs.read_text()
+    assert "| LoRA-Flow EM % |" in body and "| **70.0** |" in body and "**2.50x** |" in body
+    assert "LoRA-Flow 70.0%" in readme.read_text()
+    del demo["methods"]
+    (results / "demo_composite.json").write_text(json.dumps(demo))
+    assert _load_tables_script().main(["--target", str(docs), "--results", str(results)]) == 0
+    assert "LoRA-Flow" not in docs.read_text()
+
+
 def test_layer_summary_drops_samples_and_adds_ratios(tmp_path):
     """summarize_layer.py keeps statistics, drops pytest-benchmark's samples and computes the ratios to
     the bare Linear and (MeteoRA forms) to DLP-LoRA with the same N; the README table shows them."""

@@ -1,11 +1,14 @@
-"""The composite-K evaluation: base vs oracle single LoRA vs DLP-LoRA on a shuffled mix of all tasks.
+"""The composite-K evaluation: base vs oracle single LoRA vs DLP-LoRA (vs LoRA-Flow) on a shuffled mix
+of all tasks.
 
-Every batch of the shuffled composite is generated greedily three times on the same model:
+Every batch of the shuffled composite is generated greedily by each method on the same base weights:
   base      the unpatched model (no adapter)
   oracle    patched, `use_mixture` with each prompt's own task adapter at weight 1 (chosen by hand)
   dlp       patched with the router: top-p over its softmax, kept probabilities renormalised, fused
-Exact match of the continuation (cut at EOS) against the answer is the score. The three runs of a
-batch follow each other, so drifts in machine load hit all three alike; decode time per token is
+  loraflow  (when a LoRA-Flow model is given) trained layer gates weight every task adapter at every
+            token (dlp_lora.demo.loraflow_gates)
+Exact match of the continuation (cut at EOS) against the answer is the score. The runs of a batch
+follow each other, so drifts in machine load hit all methods alike; decode time per token is
 measured inside generate() (first to last decode step), so prefill is not part of it.
 """
 
@@ -20,7 +23,8 @@ import torch
 from transformers import LogitsProcessor
 
 METHODS = ("base", "oracle", "dlp")
-METHOD_TITLES = {"base": "base", "oracle": "oracle LoRA", "dlp": "DLP-LoRA"}
+LORAFLOW = "loraflow"  # a fourth method, where evaluate_composite is given a LoRA-Flow model
+METHOD_TITLES = {"base": "base", "oracle": "oracle LoRA", "dlp": "DLP-LoRA", "loraflow": "LoRA-Flow"}
 
 
 class DecodeClock(LogitsProcessor):
@@ -49,6 +53,7 @@ class CompositeResult:
     decode_ms_per_token: dict[str, float]  # method -> ms per decode step (one token per sequence)
     dlp_adapters_per_prompt: float  # mean number of adapters the router's top-p kept
     examples: list[dict] = field(default_factory=list)  # a few prompts with every method's answer
+    methods: tuple[str, ...] = METHODS  # the methods evaluated
 
     def average(self, per_task: dict[str, float]) -> float:
         return sum(per_task[t] for t in self.tasks) / len(self.tasks)
@@ -62,7 +67,7 @@ class CompositeResult:
         for task in self.tasks + ["average"]:
             pick = (lambda d: self.average(d)) if task == "average" else (lambda d, t=task: d[t])
             row = {"task": task, "n": sum(self.counts.values()) if task == "average" else self.counts[task]}
-            row.update({m: 100 * pick(self.accuracy[m]) for m in METHODS})
+            row.update({m: 100 * pick(self.accuracy[m]) for m in self.methods})
             row["router"] = 100 * pick(self.router_accuracy)
             rows.append(row)
         return rows
@@ -72,7 +77,8 @@ class CompositeResult:
             "tasks": self.tasks,
             "rows": self.table_rows(),
             "decode_ms_per_token": self.decode_ms_per_token,
-            "decode_ratio_to_base": {m: self.decode_ratio(m) for m in METHODS},
+            "methods": list(self.methods),
+            "decode_ratio_to_base": {m: self.decode_ratio(m) for m in self.methods},
             "dlp_adapters_per_prompt": self.dlp_adapters_per_prompt,
             "examples": self.examples,
         }
@@ -100,22 +106,26 @@ def shuffled_composite(rows: list[tuple[str, str, str]], seed: int) -> list[tupl
 
 
 def evaluate_composite(model, tokenizer, bank, router, rows: list[tuple[str, str, str]], *,
-                       top_p: float = 0.6, batch_size: int = 32, progress: bool = True) -> CompositeResult:
-    """Run base, oracle and DLP-LoRA over `rows` = shuffled (task, prompt, answer); see the module doc.
+                       top_p: float = 0.6, batch_size: int = 32, progress: bool = True,
+                       loraflow=None) -> CompositeResult:
+    """Run base, oracle and DLP-LoRA (and LoRA-Flow) over `rows` = shuffled (task, prompt, answer); see
+    the module doc.
 
     model: an unpatched causal LM (it is patched and unpatched per batch, and left unpatched).
     bank: LoRABank whose names are the tasks; router: a Router over the same names.
+    loraflow: None, or a LoRA-Flow model over the same bank and base weights (loraflow_gates).
     """
     from tqdm.auto import tqdm
 
     from ..patch import use_mixture
 
+    methods = METHODS if loraflow is None else (*METHODS, LORAFLOW)
     tasks = [name for name in bank.names if any(t == name for t, _, _ in rows)]
     max_new = max(len(tokenizer(a, add_special_tokens=False)["input_ids"]) for _, _, a in rows) + 1
-    correct = {m: {t: 0 for t in tasks} for m in METHODS}
+    correct = {m: {t: 0 for t in tasks} for m in methods}
     counts = {t: 0 for t in tasks}
-    seconds = dict.fromkeys(METHODS, 0.0)
-    steps = dict.fromkeys(METHODS, 0)
+    seconds = dict.fromkeys(methods, 0.0)
+    steps = dict.fromkeys(methods, 0)
     examples = []
 
     # one untimed warm-up of every path (first-call allocations, lazy imports)
@@ -123,10 +133,12 @@ def evaluate_composite(model, tokenizer, bank, router, rows: list[tuple[str, str
     _generate(model, tokenizer, warm, 2)
     with _patched(model, bank, router, top_p):
         _generate(model, tokenizer, warm, 2)
+    if loraflow is not None:
+        _generate(loraflow, tokenizer, warm, 2)
 
-    def run(method: str, prompts: list[str], routing=None) -> None:
+    def run(method: str, prompts: list[str], routing=None, on=model) -> None:
         with routing or contextlib.nullcontext():
-            answers[method], s, n = _generate(model, tokenizer, prompts, max_new)
+            answers[method], s, n = _generate(on, tokenizer, prompts, max_new)
         seconds[method] += s
         steps[method] += n
 
@@ -138,14 +150,16 @@ def evaluate_composite(model, tokenizer, bank, router, rows: list[tuple[str, str
         with _patched(model, bank, router, top_p):
             run("oracle", list(prompts), use_mixture(model, [{name: 1.0} for name in names]))
             run("dlp", list(prompts))
+        if loraflow is not None:
+            run(LORAFLOW, list(prompts), on=loraflow)
         for name in names:
             counts[name] += 1
-        for m in METHODS:
+        for m in methods:
             for name, ok in zip(names, exact_match(answers[m], list(targets)), strict=True):
                 correct[m][name] += ok
         if len(examples) < 2 * len(tasks):
             examples += [{"task": names[i], "prompt": prompts[i], "answer": targets[i],
-                          **{m: answers[m][i] for m in METHODS}} for i in range(min(2, len(batch)))]
+                          **{m: answers[m][i] for m in methods}} for i in range(min(2, len(batch)))]
 
     predicted = router.predict([p for _, p, _ in rows])
     router_hits = {t: 0 for t in tasks}
@@ -157,11 +171,12 @@ def evaluate_composite(model, tokenizer, bank, router, rows: list[tuple[str, str
     return CompositeResult(
         tasks=tasks,
         counts=counts,
-        accuracy={m: {t: correct[m][t] / counts[t] for t in tasks} for m in METHODS},
+        accuracy={m: {t: correct[m][t] / counts[t] for t in tasks} for m in methods},
         router_accuracy={t: router_hits[t] / counts[t] for t in tasks},
-        decode_ms_per_token={m: 1000 * seconds[m] / max(1, steps[m]) for m in METHODS},
+        decode_ms_per_token={m: 1000 * seconds[m] / max(1, steps[m]) for m in methods},
         dlp_adapters_per_prompt=float((lora_ids >= 0).sum(dim=1).float().mean()),
         examples=examples,
+        methods=methods,
     )
 
 

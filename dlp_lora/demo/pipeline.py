@@ -27,7 +27,7 @@ import torch
 from .._env import DEMO_DIR_ENV
 from ..bench.provenance import load_average, machine_info, timestamp, versions
 from . import build, tasks
-from .evaluate import METHOD_TITLES, METHODS, CompositeResult, evaluate_composite, shuffled_composite
+from .evaluate import METHOD_TITLES, CompositeResult, evaluate_composite, shuffled_composite
 
 DEFAULT_CACHE = Path(".cache") / "dlp_demo"
 EVAL_SEED = 1000  # the held-out composite's seed; training streams exclude its prompts
@@ -223,13 +223,14 @@ def format_table(result: CompositeResult, top_p: float = 0.6) -> str:
     """The composite table as plain text: exact match per task and on average, router accuracy, and
     decode time per token of each method as a ratio to the base model (measured over the whole
     shuffled composite, so it sits on the average row)."""
-    header = ["task", "n", *(f"{METHOD_TITLES[m]} EM%" for m in METHODS), "router acc%",
-              *(f"{METHOD_TITLES[m]} time" for m in METHODS)]
+    methods = result.methods
+    header = ["task", "n", *(f"{METHOD_TITLES[m]} EM%" for m in methods), "router acc%",
+              *(f"{METHOD_TITLES[m]} time" for m in methods)]
     lines = []
     for row in result.table_rows():
         avg = row["task"] == "average"
-        times = [f"{result.decode_ratio(m):.2f}x" if avg else "" for m in METHODS]
-        lines.append([row["task"], str(row["n"]), *(f"{row[m]:.1f}" for m in METHODS), f"{row['router']:.1f}",
+        times = [f"{result.decode_ratio(m):.2f}x" if avg else "" for m in methods]
+        lines.append([row["task"], str(row["n"]), *(f"{row[m]:.1f}" for m in methods), f"{row['router']:.1f}",
                       *times])
     widths = [max(len(h), *(len(r[i]) for r in lines)) for i, h in enumerate(header)]
 
@@ -238,7 +239,7 @@ def format_table(result: CompositeResult, top_p: float = 0.6) -> str:
                          for i, (c, w) in enumerate(zip(cells, widths, strict=True)))
 
     rule = "-" * len(fmt(header))
-    ms = ", ".join(f"{METHOD_TITLES[m]} {result.decode_ms_per_token[m]:.2f}" for m in METHODS)
+    ms = ", ".join(f"{METHOD_TITLES[m]} {result.decode_ms_per_token[m]:.2f}" for m in methods)
     title = (f"Composite-{len(result.tasks)} (shuffled, {sum(result.counts.values())} prompts, greedy): "
              f"exact match; DLP-LoRA = router + top-p {top_p} fusion")
     body = [fmt(r) for r in lines]
@@ -258,18 +259,20 @@ def plot(result: CompositeResult, path: Path) -> Path | None:
         return None
     rows = result.table_rows()
     fig, (ax, ax_t) = plt.subplots(1, 2, figsize=(11, 4), gridspec_kw={"width_ratios": [4, 1]})
-    width = 0.8 / len(METHODS)
-    for j, m in enumerate(METHODS):
-        bars = ax.bar([i + (j - 1) * width for i in range(len(rows))], [r[m] for r in rows], width,
+    methods = result.methods
+    width = 0.8 / len(methods)
+    for j, m in enumerate(methods):
+        offset = (j - (len(methods) - 1) / 2) * width
+        bars = ax.bar([i + offset for i in range(len(rows))], [r[m] for r in rows], width,
                       label=METHOD_TITLES[m])
         ax.bar_label(bars, fmt="%.0f", fontsize=7)  # a base bar at 0 is otherwise invisible
     ax.set_xticks(range(len(rows)), [r["task"] for r in rows])
     ax.set_ylabel("exact match (%)")
     ax.set_ylim(0, 125)
     ax.set_title(f"Composite-{len(result.tasks)}: shuffled prompts of every task")
-    ax.legend(loc="upper center", ncol=len(METHODS), frameon=False)
-    ax_t.bar([METHOD_TITLES[m] for m in METHODS], [result.decode_ratio(m) for m in METHODS],
-             color=["C0", "C1", "C2"])
+    ax.legend(loc="upper center", ncol=len(methods), frameon=False)
+    ax_t.bar([METHOD_TITLES[m] for m in methods], [result.decode_ratio(m) for m in methods],
+             color=[f"C{j}" for j in range(len(methods))])
     ax_t.set_ylabel("decode time per token / base")
     ax_t.tick_params(axis="x", rotation=30)
     fig.tight_layout()

@@ -1,0 +1,68 @@
+"""LoRA-Flow in the demo: gates over the same task LoRAs DLP-LoRA's router chooses from.
+
+LoRA-Flow (dlp_lora.bench.loraflow) needs its fusion gates trained on a few examples, with the base
+model and the LoRAs frozen. The demo gives it the same candidates as the router (every task's
+adapter) and a budget of the same order as the router's: at most ``examples_per_task`` (prompt,
+answer) pairs per task, drawn from the training streams (never the held-out prompts), one gate set
+for the shuffled composite, as one router serves it. The loss is on the answer and EOS tokens,
+encoded as the adapters were trained (BOS prompt answer EOS).
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from torch import nn
+
+from ..bench.baselines import stacks_from_bank
+from ..bench.loraflow import load_gates, patch_loraflow, save_gates, train_gates
+from ..bench.workload import shared_copy
+from . import tasks
+
+EXAMPLES_PER_TASK = 200  # the most LoRA-Flow's gates see of each task
+EPOCHS = 2
+LR = 1e-3
+BATCH_SIZE = 4
+
+
+def gate_examples(tokenizer, task_names: Sequence[str], seed: int, exclude: set[str],
+                  per_task: int = EXAMPLES_PER_TASK) -> list[tuple[list[int], list[int]]]:
+    """``per_task`` (prompt ids, answer ids + EOS) per task from its training stream, shuffled."""
+    pairs = []
+    for i, name in enumerate(task_names):
+        stream = tasks.stream([tasks.TASKS[name]], seed + 200 + i, exclude=exclude)
+        for _ in range(per_task):
+            prompt, answer = next(stream)
+            answer_ids = tokenizer(answer, add_special_tokens=False)["input_ids"]
+            pairs.append((tokenizer(prompt)["input_ids"], answer_ids + [tokenizer.eos_token_id]))
+    random.Random(seed).shuffle(pairs)
+    return pairs
+
+
+def loraflow_model(model: nn.Module, bank, *, form: str = "op") -> nn.Module:
+    """A LoRA-Flow model over every adapter of ``bank`` (candidates in the bank's order), on a copy of
+    ``model`` that shares its weights; the gates start at zeros (uniform weights)."""
+    return patch_loraflow(shared_copy(model), stacks_from_bank(bank), names=list(bank.names), form=form)
+
+
+def train_demo_gates(model: nn.Module, bank, tokenizer, examples, out: str | Path, *, epochs: int = EPOCHS,
+                     lr: float = LR, batch_size: int = BATCH_SIZE, seed: int = 0,
+                     log: Callable[[str], None] | None = None) -> str:
+    """Train LoRA-Flow gates over ``bank`` on ``examples`` and save them to ``out``; returns a note
+    for the build log. ``model`` itself is left as it was."""
+    flow = loraflow_model(model, bank)
+    start = time.perf_counter()
+    done = train_gates(flow, examples, epochs=epochs, lr=lr, batch_size=batch_size,
+                       pad_id=tokenizer.pad_token_id, seed=seed, log=log)
+    save_gates(flow, out)
+    losses = " -> ".join(f"{x:.3f}" for x in done.epoch_losses)
+    return (f"{len(examples)} examples, {done.steps} steps in {time.perf_counter() - start:.0f} s, "
+            f"answer loss per epoch {losses}")
+
+
+def trained_loraflow_model(model: nn.Module, bank, gates_dir: str | Path) -> nn.Module:
+    """loraflow_model with the gates saved in ``gates_dir`` (by train_demo_gates)."""
+    return load_gates(loraflow_model(model, bank), gates_dir)
