@@ -77,7 +77,7 @@ ext_modules, cmdclass = _extensions()
 setup(
     # triton_kernels/ ships INSIDE the package: a top-level `triton_kernels` module already exists
     # on PyPI and in the Triton/vLLM world and would clash.
-    packages=["dlp_lora", "dlp_lora.ops", "dlp_lora.triton_kernels", "dlp_lora.demo"],
+    packages=["dlp_lora", "dlp_lora.ops", "dlp_lora.router", "dlp_lora.triton_kernels", "dlp_lora.bench", "dlp_lora.demo"],
     package_dir={"dlp_lora.triton_kernels": "triton_kernels"},
     package_data={"dlp_lora.demo": ["*.json"]},
     ext_modules=ext_modules,

@@ -16,7 +16,7 @@ model (up_proj 1024 -> 2816) or a 4096 x 4096 projection, N adapters of rank 8:
                     call; routing (segments, K=3 ids and weights per sequence) is prepared once
                     per forward for all modules, so it is set up outside the timed call
   meteora_<form>    TokenGatedLoRALinear: a gate Linear(d_in, N) on every token, top-2, then the
-                    loop / gather+bmm / op form (dlp_lora.baselines)
+                    loop / gather+bmm / op form (dlp_lora.bench.baselines)
 
 Decode: T = 1 (batch 1) and T = 8 (batch 8, one token per sequence, each its own mixture).
 Prefill: T = 512 = 8 sequences x 64 tokens, one segment per sequence.
@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from dlp_lora import ops
-from dlp_lora.baselines import LoRAStack, TokenGatedLoRALinear
+from dlp_lora.bench.baselines import LoRAStack, TokenGatedLoRALinear
 
 RANK, K_DLP, N_MIXED_PEFT = 8, 3, 8
 SHAPES = {"up_1024x2816": (1024, 2816), "proj_4096x4096": (4096, 4096)}

@@ -8,7 +8,7 @@ Implementations, all computing  y[t] += sum_k w[s,k] * B[id] (A[id] x[t])  in pl
              Its grouping (which rows use which adapter) is built once outside the timed call, which
              flatters it: a real forward rebuilds it per step.
   gather_bmm (b) MeteoRA's batch path: gather the K (A, B) of every token, bmm, bmm, weighted sum
-             (dlp_lora.baselines.apply_gather_bmm, the same code the end-to-end benchmark runs).
+             (dlp_lora.bench.baselines.apply_gather_bmm, the same code the end-to-end benchmark runs).
 
 Shapes (K = 3 adapters per segment, no empty slots, d_in = d_out = d):
   decode   T in {1, 4, 8, 16, 32} tokens, each its own segment and mixture, N = 26, r = 16, d = 4096;
@@ -31,7 +31,7 @@ import time
 import pytest
 import torch
 
-from dlp_lora.baselines import LoRAStack, apply_gather_bmm
+from dlp_lora.bench.baselines import LoRAStack, apply_gather_bmm
 from dlp_lora.ops._extension import load_extension
 
 _C = load_extension()

@@ -7,9 +7,9 @@ Implementations (each checked against an fp32 reference before it is timed):
   triton, cuda         the raw kernels of those backends (what a patched Linear calls)
   triton+graph, ...    the same call captured once in a CUDA graph and replayed: launch overhead off
   torch_loop           one pass per selected adapter: where, two matmuls, index_add_ (PEFT / Mixtral
-                       style; dlp_lora.baselines.apply_loop)
+                       style; dlp_lora.bench.baselines.apply_loop)
   torch_bmm            gather the K (A, B) of every token, bmm, bmm, weighted sum (MeteoRA's batch path;
-                       dlp_lora.baselines.apply_gather_bmm), also graph-captured when possible
+                       dlp_lora.bench.baselines.apply_gather_bmm), also graph-captured when possible
 
 Shapes: decode (one token per segment, each its own mixture of K=3 out of N in {26, 100},
 r in {8, 16}, d 4096 -> 4096, T in {1, 8, 32, 64}) and prefill (T in {512, 2048, 4096} in 1 or 4
@@ -41,7 +41,7 @@ if "--dry-run" in sys.argv:  # must precede the first import of the Triton kerne
 import torch  # noqa: E402
 
 from dlp_lora import ops  # noqa: E402
-from dlp_lora.baselines import LoRAStack, apply_gather_bmm, apply_loop  # noqa: E402
+from dlp_lora.bench.baselines import LoRAStack, apply_gather_bmm, apply_loop  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 BMM_MAX_BYTES = 8 << 30  # torch_bmm materialises T*K copies of A and B: skip it beyond this

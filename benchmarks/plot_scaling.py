@@ -13,7 +13,7 @@ import json
 import sys
 from pathlib import Path
 
-from dlp_lora.bench import plot_scaling
+from dlp_lora.bench.report import plot_scaling
 
 
 def main(argv: list[str] | None = None) -> int:

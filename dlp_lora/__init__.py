@@ -18,7 +18,7 @@ __version__ = "0.1.0"
 _LAZY = {
     "LoRABank": ".bank",
     "Router": ".router",
-    "route_top_p": ".routing",
+    "route_top_p": ".router",
     "patch_model": ".patch",
     "unpatch_model": ".patch",
     "use_mixture": ".patch",

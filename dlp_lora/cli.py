@@ -149,7 +149,7 @@ def cmd_train_router(args) -> int:
     texts, tasks = read_task_jsonl(data)
     tokenizer = load_tokenizer(tokenizer_dir, "--tokenizer")
     print(f"training a router on {len(texts)} texts, {len(set(tasks))} tasks ({data})")
-    router = Router.train(texts, tasks, tokenizer, val_fraction=args.val_fraction, epochs=args.epochs,
+    router = Router.fit(texts, tasks, tokenizer, val_fraction=args.val_fraction, epochs=args.epochs,
                           seed=args.seed, verbose=True)
     router.save(out)
     print(f"router saved to {out}/ (labels: {', '.join(router.label_names)})")

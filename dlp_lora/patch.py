@@ -33,8 +33,8 @@ from torch import nn
 from . import ops
 from ._env import forced_backend
 from .bank import LoRABank
-from .generation import REROUTE_MODES, RoutingState, SequenceRouting, sentence_end_ids
-from .routing import check_max_loras, check_top_p
+from .router.top_p import check_max_loras, check_top_p
+from .routing_state import REROUTE_MODES, RoutingState, SequenceRouting, sentence_end_ids
 
 __all__ = ["patch_model", "unpatch_model", "use_mixture", "is_patched", "PatchError"]
 

@@ -186,7 +186,7 @@ class CountingRouter:
         return (counts + 0.5) / (counts + 0.5).sum(-1, keepdim=True)
 
     def route(self, input_ids, attention_mask=None, *, top_p=0.6, max_loras=None):
-        from dlp_lora.routing import route_top_p
+        from dlp_lora.router import route_top_p
 
         return route_top_p(self.probs(input_ids, attention_mask), top_p, max_loras)
 

@@ -1,4 +1,4 @@
-"""The MeteoRA-style token-gating baselines (dlp_lora.baselines) are right, so the benchmark is fair.
+"""The MeteoRA-style token-gating baselines (dlp_lora.bench.baselines) are right, so the benchmark is fair.
 
 * the gate: top-k of x @ G.T and softmax(top / T), against a float64 recomputation;
 * forms 1 (loop), 2 (gather + bmm) and 3 (our op, one-token segments) against a float64 dense
@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from dlp_lora import ops
-from dlp_lora.baselines import (
+from dlp_lora.bench.baselines import (
     FORMS,
     LoRAStack,
     TokenGatedLoRALinear,

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from conftest import requires_cuda
 
-from dlp_lora import bench
+from dlp_lora.bench import harness as bench
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -113,7 +113,7 @@ def test_stopped_run_keeps_its_finished_batch_sizes(tmp_path, monkeypatch):
 def test_decode_breakdown_rows_weights_model_and_table(tmp_path):
     """--breakdown: one row per compared variant, the weight-bytes model checked against the model's
     shapes by hand, per-step profiles without the prefill, and the README table generated from it."""
-    from dlp_lora import decode_breakdown
+    from dlp_lora.bench import breakdown as decode_breakdown
 
     out = tmp_path / "results" / "decode_breakdown_cpu.json"
     argv = ["--model", "tiny", "--device", "cpu", "--breakdown", "--reps", "2", "--new-tokens", "3",
@@ -154,7 +154,7 @@ def test_decode_breakdown_rows_weights_model_and_table(tmp_path):
 
 
 def test_breakdown_categories():
-    from dlp_lora.decode_breakdown import category, kernel_category
+    from dlp_lora.bench.breakdown import category, kernel_category
 
     assert [category(n) for n in ("aten::mm", "aten::addmm", "aten::bmm", "dlp_lora_C::multi_lora",
                                   "aten::_scaled_dot_product_flash_attention_for_cpu", "aten::topk")] == [

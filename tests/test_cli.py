@@ -60,7 +60,7 @@ def art(tmp_path_factory):
     routers = {}
     for key, names in (("router", TASK_NAMES), ("router_reverse_sort", ("reverse", "sort"))):
         rows = tasks.held_out_set([tasks.TASKS[n] for n in names], 30, seed=6)
-        router = Router.train([p for _, p, _ in rows], [t for t, _, _ in rows], tokenizer, verbose=False)
+        router = Router.fit([p for _, p, _ in rows], [t for t, _, _ in rows], tokenizer, verbose=False)
         routers[key] = router.save(root / key)
     return {"root": root, "model": model, "adapters": adapters, "foreign": foreign, "data": data, **routers}
 

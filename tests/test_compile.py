@@ -25,7 +25,7 @@ from peft_fixtures import (
 from transformers import CompileConfig
 
 from dlp_lora import LoRABank, ops, patch_model, use_mixture
-from dlp_lora.baselines import TokenGatedLoRALinear, stacks_from_bank
+from dlp_lora.bench.baselines import TokenGatedLoRALinear, stacks_from_bank
 
 BACKEND = default_backend()
 ATOL = 1e-5

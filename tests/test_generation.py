@@ -20,7 +20,7 @@ from peft_fixtures import (
 from transformers import LogitsProcessor, LogitsProcessorList
 
 from dlp_lora import LoRABank, Router, patch_model, use_mixture
-from dlp_lora.generation import sentence_end_ids
+from dlp_lora.routing_state import sentence_end_ids
 
 BACKEND = default_backend()
 ATOL = 1e-5
@@ -206,7 +206,7 @@ def test_trained_router_routes_held_out_prompts_and_reroutes(task_adapters, tok)
         for _ in range(120):
             texts.append(task_sentence(task, gen, length=int(torch.randint(4, 12, (1,), generator=gen))))
             labels.append(task)
-    router = Router.train(
+    router = Router.fit(
         texts,
         labels,
         tok,

@@ -8,6 +8,7 @@ import random
 import pytest
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
+from torch import nn
 from transformers import PreTrainedTokenizerFast
 
 from dlp_lora import Router, route_top_p
@@ -49,7 +50,7 @@ def tokenizer():
 @pytest.fixture(scope="module")
 def trained(tokenizer):
     texts, labels = make_texts(120, seed=1)
-    return Router.train(texts, labels, tokenizer, verbose=False, **SMALL)  # default schedule
+    return Router.fit(texts, labels, tokenizer, verbose=False, **SMALL)  # default schedule
 
 
 def _pad(seqs: list[list[int]], side: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -148,24 +149,24 @@ def test_route_restores_training_mode(trained):
 
 def test_training_is_deterministic(tokenizer):
     texts, labels = make_texts(10, seed=3)
-    a = Router.train(texts, labels, tokenizer, epochs=2, verbose=False, **SMALL)
-    b = Router.train(texts, labels, tokenizer, epochs=2, verbose=False, **SMALL)
+    a = Router.fit(texts, labels, tokenizer, epochs=2, verbose=False, **SMALL)
+    b = Router.fit(texts, labels, tokenizer, epochs=2, verbose=False, **SMALL)
     for (name, pa), pb in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
         assert torch.equal(pa, pb), name
 
 
 def test_train_prints_held_out_accuracy(tokenizer, capsys):
     texts, labels = make_texts(10, seed=4)
-    Router.train(texts, labels, tokenizer, epochs=1, verbose=True, **SMALL)
+    Router.fit(texts, labels, tokenizer, epochs=1, verbose=True, **SMALL)
     assert "held-out accuracy" in capsys.readouterr().out
 
 
-def test_instance_train_is_still_module_train():
+def test_train_is_module_train_and_fit_trains():
+    """``train`` keeps nn.Module's meaning; training on data is the classmethod ``fit``."""
     router = Router(["a", "b"], **SMALL)
     assert router.eval() is router and not router.training
     assert router.train() is router and router.training
-    with pytest.raises(TypeError, match="Router.train"):
-        router.train(["some text"], ["a"], None)
+    assert Router.train is nn.Module.train and callable(Router.fit)
 
 
 # ----------------------------------------------------------------------------- save / load
@@ -234,7 +235,7 @@ def test_forward_rejects_bad_tensors(trained):
 ])
 def test_train_rejects_bad_data(tokenizer, texts, labels, match):
     with pytest.raises(ValueError, match=match):
-        Router.train(texts, labels, tokenizer, verbose=False, **SMALL)
+        Router.fit(texts, labels, tokenizer, verbose=False, **SMALL)
 
 
 def test_predict_without_tokenizer_errors():

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from dlp_lora.routing import check_max_loras, check_top_p, route_top_p
+from dlp_lora.router import check_max_loras, check_top_p, route_top_p
 
 
 def _route(rows, top_p, max_loras=None):

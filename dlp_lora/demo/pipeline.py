@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from .._env import DEMO_DIR_ENV
-from ..provenance import load_average, machine_info, timestamp, versions
+from ..bench.provenance import load_average, machine_info, timestamp, versions
 from . import build, tasks
 from .evaluate import METHOD_TITLES, METHODS, CompositeResult, evaluate_composite, shuffled_composite
 
@@ -143,7 +143,7 @@ def prepare(recipe: build.Recipe, root: str | Path | None = None, *, log: Callab
             stream = tasks.stream([tasks.TASKS[name]], recipe.seed + 100 + i, exclude=held_out)
             texts += [next(stream)[0] for _ in range(recipe.router_prompts_per_task)]
             labels += [name] * recipe.router_prompts_per_task
-        router = Router.train(texts, labels, tokenizer, val_fraction=0.1, seed=recipe.seed, verbose=True)
+        router = Router.fit(texts, labels, tokenizer, val_fraction=0.1, seed=recipe.seed, verbose=True)
         router.save(out)
         return f"{len(texts)} prompts"
 

@@ -21,7 +21,7 @@ What one run does (every number it reports comes from this run):
   adapter, unmerged), ``peft_merged`` (merge_and_unload), ``peft_mixed`` (``adapter_names=``, one
   adapter per sequence, batch > 1 only); for every N, DLP-LoRA as ``dlp_N`` (patch_model, every
   sequence its own mixture of K=3 adapters through use_mixture) and ``dlp_router_N`` (patch_model
-  with a Router, top_p=0.6, max_loras=3), and ``meteora_{loop,bmm,op}_N`` (dlp_lora.baselines,
+  with a Router, top_p=0.6, max_loras=3), and ``meteora_{loop,bmm,op}_N`` (dlp_lora.bench.baselines,
   top-2 token gating); on a GPU with both kernels, ``dlp_cuda_N`` too (``dlp_N`` with the compiled
   CUDA kernel instead of the automatic Triton one);
 * greedy ``generate()`` of ``new_tokens`` tokens after a ``prompt_len``-token random prompt, every
@@ -254,8 +254,8 @@ def dlp_router_variant(base: nn.Module, bank, settings: BenchSettings, n: int) -
     An untrained router gives nearly uniform probabilities, so top_p=0.6 keeps max_loras adapters
     with weights near 1/3; different prompts often get the same set (the JSON records them).
     """
-    from .patch import patch_model
-    from .router import Router
+    from ..patch import patch_model
+    from ..router import Router
 
     torch.manual_seed(settings.seed + n)
     router = Router(list(bank.names)).eval()
@@ -272,7 +272,7 @@ def mixture_variant(base: nn.Module, bank, n: int, k: int, name: str | None = No
     (a router-like, decreasing mixture), so a batch of 8 at N >= 24 has 8 disjoint mixtures.
     backend: the op backend (default: automatic, triton on a GPU).
     """
-    from .patch import patch_model, use_mixture
+    from ..patch import patch_model, use_mixture
 
     names = list(bank.names)
     model = patch_model(shared_copy(base), bank, backend=backend)
@@ -447,7 +447,7 @@ def used_mixtures(variant: Variant) -> list[dict]:
 
 def _second_gpu_backend(device: str) -> bool:
     """True on a GPU where the automatic backend is triton and the cuda kernel is built too."""
-    from . import ops
+    from .. import ops
 
     if not device.startswith("cuda"):
         return False
@@ -672,7 +672,7 @@ def settings_from_args(args: argparse.Namespace) -> BenchSettings:
 
 
 def load_banks(counts, adapter_dirs, dtype, device) -> dict:
-    from .bank import LoRABank
+    from ..bank import LoRABank
 
     return {n: LoRABank.from_peft({d.name: str(d) for d in adapter_dirs[:n]}, dtype=dtype, device=device)
             for n in sorted(set(counts))}
@@ -768,10 +768,10 @@ def save_result(result: dict, out: Path | None, load_start) -> None:
 
 def run_breakdown_file(args, settings: BenchSettings, result: dict, base, banks, adapter_dirs,
                        load_start) -> dict:
-    """``--breakdown``: dlp_lora.decode_breakdown's rows, with the run's provenance, to --out."""
+    """``--breakdown``: dlp_lora.bench.breakdown's rows, with the run's provenance, to --out."""
     from tqdm.auto import tqdm
 
-    from .decode_breakdown import run_breakdown
+    from .breakdown import run_breakdown
 
     result["benchmark"] = "decode-step breakdown at batch 1"
     with tqdm(unit="gen") as progress:  # run_breakdown sets the total once it knows the variants

@@ -35,7 +35,7 @@ def versions() -> dict:
     import peft
     import transformers
 
-    from . import __version__, ops
+    from .. import __version__, ops
 
     return {"python": platform.python_version(), "torch": torch.__version__,
             "transformers": transformers.__version__, "peft": peft.__version__, "dlp_lora": __version__,

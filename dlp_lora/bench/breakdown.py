@@ -99,7 +99,7 @@ def weight_bytes_per_token(variant, base: nn.Module, rank: int, target_modules) 
 def _profile_generate(variant, prompts: torch.Tensor, steps: int, options: dict) -> dict:
     from torch.profiler import ProfilerActivity, profile
 
-    from .bench import time_generate
+    from .harness import time_generate
 
     on_gpu = prompts.device.type == "cuda"
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_gpu else [])
@@ -151,7 +151,7 @@ def breakdown_variants(variants):
 
 def run_breakdown(base: nn.Module, banks: dict, adapter_dirs, settings, progress) -> list[dict]:
     """Timed rounds, then PROFILE_ROUNDS profiles per variant, at batch 1; one row per variant."""
-    from .bench import (
+    from .harness import (
         TARGET_MODULES,
         generate_options,
         main_variants,

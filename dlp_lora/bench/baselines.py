@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .ops import get_kernel, launch, resolve_backend
+from ..ops import get_kernel, launch, resolve_backend
 
 __all__ = [
     "FORMS", "LoRAStack", "TokenGatedLoRALinear", "apply_gather_bmm", "apply_loop", "apply_segmented_op",

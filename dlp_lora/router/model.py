@@ -8,7 +8,7 @@ over the sequence (two bags, concatenated), and the MLP maps that to logits over
 (label) names.
 Padding is excluded through ``attention_mask``, so left or right padding gives the same result.
 
-    router = Router.train(texts, labels, tokenizer)      # prints held-out accuracy
+    router = Router.fit(texts, labels, tokenizer)      # prints held-out accuracy
     router.save("router/"); router = Router.load("router/")
     lora_ids, weights = router.route(input_ids, attention_mask, top_p=0.6)
 """
@@ -17,17 +17,14 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
-import types
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
-from tqdm.auto import tqdm
 
-from .routing import check_max_loras, check_top_p, route_top_p
+from .top_p import check_max_loras, check_top_p, route_top_p
 
 __all__ = ["Router", "hashed_features"]
 
@@ -115,38 +112,6 @@ def _check_texts(texts, arg: str = "texts") -> list[str]:
     return list(texts)
 
 
-def _check_training_data(texts, labels, label_names) -> tuple[list[str], list[str], list[str]]:
-    texts = _check_texts(texts)
-    if isinstance(labels, str) or not isinstance(labels, Sequence):
-        raise ValueError(f"labels must be a list of str, got {type(labels).__name__}")
-    if len(labels) != len(texts):
-        raise ValueError(f"texts and labels must have the same length, got {len(texts)} and {len(labels)}")
-    bad = [i for i, lab in enumerate(labels) if not isinstance(lab, str) or not lab]
-    if bad:
-        raise ValueError(f"labels[{bad[0]}] must be a non-empty str, got {labels[bad[0]]!r}")
-    if len(set(labels)) < 2:
-        raise ValueError(f"labels must hold at least 2 distinct labels, got {sorted(set(labels))}")
-    names = _check_label_names(sorted(set(labels)) if label_names is None else label_names)
-    unknown = sorted(set(labels) - set(names))
-    if unknown:
-        raise ValueError(f"labels not in label_names: {unknown[:10]}")
-    return texts, list(labels), names
-
-
-def _check_training_args(*, val_fraction, feature_dropout, epochs, batch_size, max_length, tokenizer) -> None:
-    for name, value in (("val_fraction", val_fraction), ("feature_dropout", feature_dropout)):
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
-            raise ValueError(f"{name} must be in [0, 1), got {value!r}")
-    for name, value, optional in (("epochs", epochs, True), ("batch_size", batch_size, True),
-                                  ("max_length", max_length, False)):
-        if value is None and optional:
-            continue
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be an integer >= 1{' or None' if optional else ''}, got {value!r}")
-    if tokenizer is None or not callable(tokenizer):
-        raise ValueError("tokenizer must be the base model's Hugging Face tokenizer (callable on a list)")
-
-
 def _encode(tokenizer, texts: list[str], max_length: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Tokenise in one batch call (fast tokenizers run it in Rust) and right-pad.
 
@@ -161,55 +126,6 @@ def _encode(tokenizer, texts: list[str], max_length: int | None = None) -> tuple
     ids = torch.zeros(len(seqs), L, dtype=torch.long)
     ids[mask] = torch.tensor([t for s in seqs for t in s], dtype=torch.long)
     return ids, mask.long()
-
-
-def _module_train(self: nn.Module, mode: bool = True, *data, **kwargs):
-    """nn.Module.train(mode) for an instance; catches a data call meant for the class."""
-    if data or kwargs or not isinstance(mode, bool):
-        raise TypeError("router.train(mode) sets training mode; to train a router on data call the class: "
-                        "Router.train(texts, labels, tokenizer)")
-    return nn.Module.train(self, mode)
-
-
-class _TrainOnClassOrInstance:
-    """``Router.train(texts, labels, tokenizer)`` on the class trains a new router (the public
-    API); ``router.train(mode)`` on an instance stays nn.Module.train, which ``eval()`` and a
-    parent model's ``.train()`` call."""
-
-    def __get__(self, obj, objtype=None):
-        if obj is None:
-            return objtype.fit
-        return types.MethodType(_module_train, obj)
-
-
-class _BagDataset:
-    """Training texts featurised once: bags [n, 2, F] int64 with each row's features moved to the
-    front, so a batch drops the columns that are "no feature" in all its rows (most sentences
-    are much shorter than the longest one). targets: [n] int64 label indices."""
-
-    def __init__(self, router: Router, tokenizer, texts: list[str], targets: list[int], max_length: int):
-        ids, mask = _encode(tokenizer, texts, max_length)
-        bags = router.features(ids, mask)
-        self.n_feats = (bags != router.num_buckets).sum(dim=2)  # [n, 2]
-        empty = (self.n_feats[:, 0] == 0).nonzero().flatten().tolist()
-        if empty:
-            raise ValueError(f"texts[{empty[0]}] ({texts[empty[0]]!r}) has no tokens under this tokenizer")
-        front = (bags == router.num_buckets).to(torch.int8).argsort(dim=2, stable=True)
-        self.bags = bags.gather(2, front)
-        self.targets = torch.tensor(targets, dtype=torch.long)
-
-    def batch(self, rows: torch.Tensor, device) -> tuple[torch.Tensor, torch.Tensor]:
-        """Bags [b, 2, width] and targets [b] of ``rows``, on ``device``."""
-        width = max(1, int(self.n_feats[rows].max()))
-        return self.bags[rows, :, :width].to(device), self.targets[rows].to(device)
-
-    @torch.no_grad()
-    def accuracy(self, router: Router, rows: torch.Tensor, device, chunk: int = 1024) -> float:
-        correct = 0
-        for i in range(0, len(rows), chunk):
-            x, y = self.batch(rows[i:i + chunk], device)
-            correct += int((router.forward_features(x).argmax(dim=-1) == y).sum())
-        return correct / len(rows)
 
 
 class Router(nn.Module):
@@ -229,8 +145,6 @@ class Router(nn.Module):
         label_names: list[str]; config: dict (the arch arguments); tokenizer: the tokenizer it
         was trained with (saved with it) or None; val_accuracy: held-out accuracy or None.
     """
-
-    train = _TrainOnClassOrInstance()
 
     def __init__(self, label_names: Sequence[str], *, num_buckets: int = 2**16, embed_dim: int = 64,
                  hidden: int = 256, num_layers: int = 4, dropout: float = 0.1):
@@ -319,7 +233,7 @@ class Router(nn.Module):
     def predict(self, texts: Sequence[str], batch_size: int = 1024) -> list[str]:
         """The most likely label name for each text, tokenised with the stored tokenizer."""
         if self.tokenizer is None:
-            raise RuntimeError("this router has no tokenizer: train it with Router.train(..., tokenizer) "
+            raise RuntimeError("this router has no tokenizer: train it with Router.fit(..., tokenizer) "
                                "or load one saved with its tokenizer, or set router.tokenizer")
         texts = _check_texts(texts)
         out: list[str] = []
@@ -363,91 +277,11 @@ class Router(nn.Module):
     # ------------------------------------------------------------------ training
 
     @classmethod
-    def fit(cls, texts: Sequence[str], labels: Sequence[str], tokenizer, *,
-            label_names: Sequence[str] | None = None, val_fraction: float = 0.1, epochs: int | None = None,
-            batch_size: int | None = None, lr: float = 1e-2, weight_decay: float = 0.01,
-            feature_dropout: float = 0.2, max_length: int = 512, seed: int = 0, device=None,
-            verbose: bool = True, **arch) -> Router:
-        """Train a router on (text, label) pairs; also reachable as ``Router.train(...)``.
+    def fit(cls, texts: Sequence[str], labels: Sequence[str], tokenizer, **options) -> Router:
+        """Train a router on (text, label) pairs; see :func:`dlp_lora.router.training.train_router`."""
+        from .training import train_router
 
-        Args:
-            texts: sentences or prompts; labels: their adapter (task) names, same length.
-            tokenizer: the BASE MODEL's Hugging Face tokenizer (a fast one tokenises in batch);
-                stored on the router and saved with it.
-            label_names: logit order; default sorted(set(labels)). Must contain every label.
-            val_fraction: share held out (random, seeded) to report accuracy; 0 disables it.
-            epochs, batch_size: default (None) picks a batch of n_train/32 clamped to [16, 512] and
-                enough epochs (at least 4) for ~160 optimizer steps: 4 epochs of 512 on 23k texts,
-                more epochs of smaller batches on a few hundred.
-            lr, weight_decay: AdamW (linear warm-up over 5% of the steps, then linear decay).
-            feature_dropout: share of bag features dropped at random in each training batch.
-            max_length: tokens kept per training text (longer ones are truncated).
-            seed: seeds initialisation, split and shuffling (global RNG state is left untouched).
-            device: where to train (default CPU).
-            verbose: tqdm progress bar and a line with the held-out accuracy.
-            **arch: Router architecture arguments (num_buckets, embed_dim, hidden, num_layers, dropout).
-        Returns:
-            the trained Router in eval mode, with ``val_accuracy`` set (None without a held-out set).
-        """
-        texts, labels, names = _check_training_data(texts, labels, label_names)
-        _check_training_args(val_fraction=val_fraction, feature_dropout=feature_dropout, epochs=epochs,
-                             batch_size=batch_size, max_length=max_length, tokenizer=tokenizer)
-
-        device = torch.device(device or "cpu")
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            router = cls(names, **arch).to(device)
-        gen = torch.Generator().manual_seed(seed)
-
-        data = _BagDataset(router, tokenizer, texts, [names.index(lab) for lab in labels], max_length)
-        perm = torch.randperm(len(texts), generator=gen)
-        n_val = min(int(round(len(texts) * val_fraction)), len(texts) - 1)
-        val_idx, train_idx = perm[:n_val], perm[n_val:]
-
-        if batch_size is None:
-            batch_size = min(512, max(16, len(train_idx) // 32))
-        steps_per_epoch = math.ceil(len(train_idx) / batch_size)
-        if epochs is None:
-            epochs = max(4, math.ceil(160 / steps_per_epoch))
-        total_steps = epochs * steps_per_epoch
-        warmup = max(1, total_steps // 20)
-
-        def lr_factor(step: int) -> float:  # linear warm-up, then linear decay to zero
-            return min((step + 1) / warmup, max(0.0, (total_steps - step) / (total_steps - warmup + 1)))
-
-        # fused: one kernel over all ~4.4M parameters instead of ~10 ops per tensor (8x faster on CPU)
-        fused = True if device.type in ("cpu", "cuda") else None
-        optimizer = torch.optim.AdamW(router.parameters(), lr=lr, weight_decay=weight_decay, fused=fused)
-        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
-        router.train(True)
-        with tqdm(total=total_steps, desc="router", unit="step", disable=not verbose) as bar:
-            for _ in range(epochs):
-                order = train_idx[torch.randperm(len(train_idx), generator=gen)]
-                for start in range(0, len(order), batch_size):
-                    x, y = data.batch(order[start:start + batch_size], device)
-                    if feature_dropout:
-                        # dropout on the bag: keeps the router from memorising sentences by
-                        # their rare bigrams
-                        drop = torch.rand(x.shape, generator=gen).to(device) < feature_dropout
-                        x = x.masked_fill(drop, router.num_buckets)
-                    loss = nn.functional.cross_entropy(router.forward_features(x), y)
-                    optimizer.zero_grad(set_to_none=True)
-                    loss.backward()
-                    optimizer.step()
-                    schedule.step()
-                    bar.update()
-                    bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
-        router.eval()
-        router.tokenizer = tokenizer
-
-        if n_val:
-            router.val_accuracy = data.accuracy(router, val_idx, device)
-            if verbose:
-                print(f"router: held-out accuracy {router.val_accuracy:.2%} "
-                      f"({n_val} texts, {len(names)} labels)")
-        elif verbose:
-            print("router: no held-out set (val_fraction=0 or too few texts); accuracy not measured")
-        return router
+        return train_router(cls, texts, labels, tokenizer, **options)
 
     # ------------------------------------------------------------------ persistence
 
