@@ -40,7 +40,7 @@ def build(root: Path) -> dict:
         for _ in range(40):
             texts.append(task_sentence(task, rng, length=6))
             labels.append(task)
-    router = Router.train(texts, labels, tokenizer, epochs=4, verbose=False)
+    router = Router.fit(texts, labels, tokenizer, epochs=4, verbose=False)
     return {"model": model_dir, "adapters": adapters, "router": router.save(root / "router")}
 
 
