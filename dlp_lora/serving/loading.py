@@ -15,7 +15,7 @@ from pathlib import Path
 
 from .engine import CompletionEngine
 
-__all__ = ["ServeConfig", "check_artifacts", "load_engine"]
+__all__ = ["ServeConfig", "check_artifacts", "load_engine", "load_front"]
 
 
 @dataclass(frozen=True)
@@ -89,11 +89,24 @@ def load_engine(config: ServeConfig) -> CompletionEngine:
     reroute = config.reroute if router is not None else "prompt"
     patch_model(model, bank, router, top_p=config.top_p, max_loras=config.max_loras, reroute=reroute,
                 tokenizer=tokenizer)
-    return CompletionEngine(model, tokenizer, max_context=_max_context(model, tokenizer))
+    return CompletionEngine(model, tokenizer, max_context=_max_context(model.config, tokenizer))
 
 
-def _max_context(model, tokenizer) -> int:
+def load_front(config: ServeConfig):
+    """What the HTTP front needs to validate requests without the model: (tokenizer, ServedModels)."""
+    from transformers import AutoConfig
+
+    from ..cli import load_tokenizer
+    from .protocol import ServedModels
+
+    tokenizer = load_tokenizer(Path(config.model), "--model")
+    model_config = AutoConfig.from_pretrained(config.model)
+    max_context = _max_context(model_config, tokenizer)
+    return tokenizer, ServedModels(config.served_name, tuple(config.adapters), max_context)
+
+
+def _max_context(model_config, tokenizer) -> int:
     """The model's positions, or the tokenizer's limit when smaller (a huge sentinel means none)."""
-    positions = int(getattr(model.config, "max_position_embeddings", 0) or 2048)
+    positions = int(getattr(model_config, "max_position_embeddings", 0) or 2048)
     limit = getattr(tokenizer, "model_max_length", None)
     return min(positions, int(limit)) if isinstance(limit, int) and 0 < limit < 10**9 else positions
