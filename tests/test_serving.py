@@ -13,6 +13,9 @@ import urllib.request
 import pytest
 import serving_fixtures as sf
 
+# Ray Serve's own pydantic models warn on import; nothing here to act on.
+pytestmark = pytest.mark.filterwarnings("ignore:Using extra keyword arguments on `Field`")
+
 ray = pytest.importorskip("ray", reason="needs the serve extra: pip install 'dlp-lora[serve]'")
 serve = pytest.importorskip("ray.serve")
 
