@@ -3,7 +3,7 @@
     make bench-ops      # pytest-benchmark -> benchmarks/results/ops_cpu_raw.json -> summarize_ops.py
 
 Implementations, all computing  y[t] += sum_k w[s,k] * B[id] (A[id] x[t])  in place:
-  cpp        torch.ops.dlp_lora_C.multi_lora (the compiled kernel a patched Linear calls; no validation)
+  cpp        torch.ops.dlp_lora.multi_lora (the compiled kernel a patched Linear calls; no validation)
   peft_loop  (a) one pass per adapter, two matmuls on the rows that use it, PEFT's mixed-batch way.
              Its grouping (which rows use which adapter) is built once outside the timed call, which
              flatters it: a real forward rebuilds it per step.
@@ -70,7 +70,7 @@ def make_problem(T, S, N, r, d, dtype, seed=0):
 
 
 def make_cpp(y, x, lora_a, lora_b, seg_indptr, lora_ids, lora_weights):
-    op = torch.ops.dlp_lora_C.multi_lora.default
+    op = torch.ops.dlp_lora.multi_lora.default
     return lambda: op(y, x, lora_a, lora_b, seg_indptr, lora_ids, lora_weights)
 
 

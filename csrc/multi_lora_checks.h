@@ -1,4 +1,4 @@
-// Argument checks shared by the CPU and CUDA implementations of torch.ops.dlp_lora_C.multi_lora.
+// Argument checks shared by the CPU and CUDA implementations of torch.ops.dlp_lora.multi_lora.
 //
 // The Python layer (dlp_lora/ops/validate.py) checks everything first with friendlier messages; these
 // TORCH_CHECKs make a direct call of the compiled op just as safe: every message names the argument,

@@ -1,4 +1,4 @@
-// The `cpp` backend: torch.ops.dlp_lora_C.multi_lora on CPU tensors (fp32 / fp16 / bf16).
+// The `cpp` backend: torch.ops.dlp_lora.multi_lora on CPU tensors (fp32 / fp16 / bf16).
 //
 //   y[t] += sum_k w[s,k] * B[id] (A[id] x[t])      for t in segment s, id = lora_ids[s,k] >= 0
 //
@@ -276,4 +276,4 @@ int64_t gemm_min_rows(const std::string& dtype) {
 
 }  // namespace dlp_lora::cpu
 
-TORCH_LIBRARY_IMPL(dlp_lora_C, CPU, m) { m.impl("multi_lora", &dlp_lora::cpu::multi_lora_cpu); }
+TORCH_LIBRARY_IMPL(dlp_lora, CPU, m) { m.impl("multi_lora", &dlp_lora::cpu::multi_lora_cpu); }

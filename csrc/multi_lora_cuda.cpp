@@ -51,4 +51,4 @@ void multi_lora_cuda(const at::Tensor& y, const at::Tensor& x, const at::Tensor&
 }  // namespace
 }  // namespace dlp_lora::cuda
 
-TORCH_LIBRARY_IMPL(dlp_lora_C, CUDA, m) { m.impl("multi_lora", &dlp_lora::cuda::multi_lora_cuda); }
+TORCH_LIBRARY_IMPL(dlp_lora, CUDA, m) { m.impl("multi_lora", &dlp_lora::cuda::multi_lora_cuda); }

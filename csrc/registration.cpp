@@ -7,7 +7,7 @@
 #include "multi_lora_cpu.h"
 #include "multi_lora_cpu_simd.h"
 
-TORCH_LIBRARY(dlp_lora_C, m) {
+TORCH_LIBRARY(dlp_lora, m) {
   // The fake (meta) impl for torch.compile lives in Python; this names the module in torch's errors.
   m.set_python_module("dlp_lora.ops._fake");
   // y += sum_k w[s,k] * B[id] (A[id] x) for the rows of every segment; see dlp_lora/ops/__init__.py.
@@ -17,7 +17,7 @@ TORCH_LIBRARY(dlp_lora_C, m) {
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "dlp-lora compiled kernels (ops live in torch.ops.dlp_lora_C)";
+  m.doc() = "dlp-lora compiled kernels (ops live in torch.ops.dlp_lora)";
   m.def("with_cuda", []() {
 #ifdef DLP_LORA_WITH_CUDA
     return true;

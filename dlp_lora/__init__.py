@@ -19,11 +19,14 @@ _LAZY = {
     "LoRABank": ".bank",
     "Router": ".router",
     "route_top_p": ".router",
+    "Route": ".routing_state",
+    "RoutingRecord": ".routing_state",
     "patch_model": ".patch",
     "unpatch_model": ".patch",
     "use_mixture": ".patch",
     "is_patched": ".patch",
     "PatchError": ".patch",
+    "export_mixture": ".export",
 }
 
 __all__ = ["ops", "__version__", *_LAZY]

@@ -81,6 +81,7 @@ class LoRABank:
     names    list[str], adapter i of every stacked tensor is names[i]
     modules  dict module_name -> ModuleLoRA, in the base model's naming
     configs  dict adapter name -> its adapter_config.json (empty for banks built from tensors)
+    sources  dict adapter name -> the directory it was read from (from_peft only)
     """
 
     def __init__(
@@ -88,10 +89,12 @@ class LoRABank:
         names: Iterable[str],
         modules: Mapping[str, ModuleLoRA],
         configs: Mapping[str, dict] | None = None,
+        sources: Mapping[str, str | Path] | None = None,
     ):
         self.names: list[str] = list(names)
         self.modules: dict[str, ModuleLoRA] = dict(modules)
         self.configs: dict[str, dict] = dict(configs or {})
+        self.sources: dict[str, Path] = {name: Path(path) for name, path in (sources or {}).items()}
         if len(set(self.names)) != len(self.names):
             raise ValueError(f"LoRABank: adapter names must be unique, got {self.names}")
         if not self.names:
@@ -142,7 +145,9 @@ class LoRABank:
         weights, configs = {}, {}
         for name, path in named:
             weights[name], configs[name] = read_peft_adapter(name, path)
-        return cls.from_adapters(weights, dtype=dtype, device=device, configs=configs)
+        bank = cls.from_adapters(weights, dtype=dtype, device=device, configs=configs)
+        bank.sources = dict(named)
+        return bank
 
     @classmethod
     def from_adapters(
@@ -207,7 +212,8 @@ class LoRABank:
 
     def to(self, dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> LoRABank:
         """A bank with every module cast/moved; tensors that already match are shared, not copied."""
-        return LoRABank(self.names, {m: e.to(dtype, device) for m, e in self.modules.items()}, self.configs)
+        modules = {m: e.to(dtype, device) for m, e in self.modules.items()}
+        return LoRABank(self.names, modules, self.configs, self.sources)
 
     def summary(self) -> str:
         """Adapters (ranks, scaling, targets), per-module shapes and memory, as readable text."""

@@ -244,6 +244,75 @@ def cmd_inspect(args) -> int:
     return 0
 
 
+def cmd_export_mixture(args) -> int:
+    import torch
+
+    from .bank import LoRABank
+    from .export import MIXTURE_NAME, VLLM_MAX_LORA_RANKS, ExportError, export_mixture
+
+    adapters = parse_adapters(args.adapters)
+    if (args.mixture is None) == (args.router is None):
+        raise CLIError("give exactly one of --mixture name=weight,... or --router DIR --prompt TEXT")
+    router_dir = existing_dir(args.router, "--router") if args.router else None
+    if (router_dir is None) != (args.prompt is None):
+        raise CLIError("--prompt goes with --router: the router routes the prompt, its choice is exported")
+    if args.prompt is not None and not args.prompt.strip():
+        raise CLIError("--prompt: empty prompt")
+    if not 0.0 < args.top_p <= 1.0:
+        raise CLIError(f"--top-p must be in (0, 1], got {args.top_p}")
+    out = writable_dir(args.out, "--out")
+
+    bank = LoRABank.from_peft(adapters)
+    if router_dir is None:
+        mixture = parse_mixture(args.mixture, bank.names)
+    else:
+        mixture = route_prompt(router_dir, args, bank.names)
+    flags = {"mixture": "--router" if router_dir else "--mixture", "pad_rank": "--pad-rank",
+             "out_dir": "--out"}
+    try:
+        path = export_mixture(bank, mixture, out, base_model_name_or_path=args.base_model,
+                              dtype=getattr(torch, args.dtype) if args.dtype else None,
+                              pad_rank=args.pad_rank, overwrite=args.overwrite)
+    except ExportError as e:
+        raise CLIError(f"{flags.get(e.arg, e.arg)}: {e.detail}") from None
+
+    record = json.loads((path / MIXTURE_NAME).read_text())
+    rank, name = record["rank"], record["suggested_name"]
+    mix = ", ".join(f"{a['name']} {a['weight']:.4g}" for a in record["adapters"])
+    print(f"{'routed' if router_dir else 'mixture'}: {mix}")
+    print(f"exported one rank-{rank} PEFT LoRA adapter to {path}/")
+    print(f"content sha256: {record['content_sha256']}")
+    print(f"suggested name: {name}")
+    max_lora_rank = next((r for r in VLLM_MAX_LORA_RANKS if r >= rank), None)
+    if max_lora_rank is None:
+        print(f"note: rank {rank} exceeds vLLM's largest --max-lora-rank ({VLLM_MAX_LORA_RANKS[-1]})")
+    else:
+        print(f"serve: vllm serve {args.base_model or 'BASE'} --enable-lora --lora-modules {name}={path} "
+              f"--max-lora-rank {max_lora_rank}")
+    return 0
+
+
+def route_prompt(router_dir: Path, args, names: list[str]) -> dict[str, float]:
+    """The mixture the router picks for args.prompt: {adapter: weight}, tokenized like the model does."""
+    from .router import Router
+
+    router = Router.load(router_dir)
+    base_dir = Path(args.base_model) if args.base_model and Path(args.base_model).is_dir() else None
+    if base_dir is not None:
+        tokenizer = load_tokenizer(base_dir, "--base-model")
+    elif router.tokenizer is not None:
+        tokenizer = router.tokenizer
+    else:
+        raise CLIError("--router: it was saved without its tokenizer; give --base-model MODEL_DIR "
+                       "(a local model directory) to tokenize the prompt")
+    check_router_matches(router, names, tokenizer)
+    enc = tokenizer([args.prompt], return_tensors="pt")
+    ids, weights = router.route(enc["input_ids"], enc["attention_mask"], top_p=args.top_p,
+                                max_loras=args.max_loras)
+    pairs = zip(ids[0].tolist(), weights[0].tolist(), strict=True)
+    return {router.label_names[i]: w for i, w in pairs if i >= 0}
+
+
 def cmd_bench(args) -> int:
     try:
         from . import bench
@@ -377,6 +446,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--address", default=None,
                    help="join a running Ray cluster ('auto', or HOST:PORT) instead of starting one")
     p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("export-mixture", help="write one mixture as a single PEFT LoRA (for vLLM, SGLang)",
+                       description="Export a fixed or routed mixture as one exact PEFT LoRA adapter of rank "
+                                   "sum_k r_k (see docs/serving_with_vllm.md).")
+    p.add_argument("--adapters", required=True, nargs="+", metavar="NAME=DIR", help="PEFT LoRA adapter dirs")
+    p.add_argument("--mixture", metavar="NAME=W,...", help="the mixture to export (weights >= 0)")
+    p.add_argument("--router", metavar="DIR", help="a router saved by train-router, instead of --mixture")
+    p.add_argument("--prompt", help="with --router: the prompt whose routed mixture is exported")
+    p.add_argument("--top-p", type=float, default=0.6, help="router top-p threshold (default 0.6)")
+    p.add_argument("--max-loras", type=int, default=None, help="cap on adapters in the routed mixture")
+    p.add_argument("--out", required=True, metavar="DIR", help="the adapter directory to write")
+    p.add_argument("--pad-rank", type=int, default=None, metavar="R",
+                   help="zero-pad to rank R (e.g. the engine's --max-lora-rank)")
+    p.add_argument("--base-model", metavar="NAME", help="base_model_name_or_path to record (a local model "
+                   "directory also tokenizes --prompt)")
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
+                   help="dtype of the exported weights (default: the adapters')")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing adapter in --out")
+    p.set_defaults(func=cmd_export_mixture)
 
     p = sub.add_parser("bench", help="end-to-end decode benchmark (dlp-lora bench --help for its options)",
                        add_help=False)

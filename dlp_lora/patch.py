@@ -31,15 +31,23 @@ import torch
 from torch import nn
 
 from . import ops
-from ._env import forced_backend
 from .bank import LoRABank
 from .router.top_p import check_max_loras, check_top_p
-from .routing_state import REROUTE_MODES, RoutingState, SequenceRouting, sentence_end_ids
+from .routing_state import (
+    REROUTE_MODES,
+    Route,
+    RoutingRecord,
+    RoutingState,
+    RowSpec,
+    SequenceRouting,
+    sentence_end_ids,
+)
 
 __all__ = ["patch_model", "unpatch_model", "use_mixture", "is_patched", "PatchError"]
 
 BUFFER_A, BUFFER_B, STATE_ATTR = "dlp_lora_a", "dlp_lora_b", "dlp_routing"
 HANDLE_ATTR, LOG_ATTR = "_dlp_lora_patch", "dlp_routing_log"
+FLOAT32_MAX = torch.finfo(torch.float32).max
 
 
 class PatchError(ValueError):
@@ -58,55 +66,45 @@ class _PatchHandle:
 # --- the patched module --------------------------------------------------------------------------
 
 
-def _add_lora_delta(
-    module: nn.Module, routing: RoutingState, x: torch.Tensor, y: torch.Tensor
-) -> torch.Tensor:
+def _add_lora_delta(module: nn.Module, state: RoutingState, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """y [..., d_out] += the routed LoRA delta of x [..., d_in]; returns y (a new tensor on the slow path).
 
-    The hot path of every patched module: two views, the raw kernel, no validation (the routing
-    tensors were checked once for the whole forward) and no allocation.
+    The hot path of every patched module: two views and the op, unvalidated (the routing tensors
+    were checked once for the whole forward) and without allocation.
     """
     buffers = module._buffers  # the dict itself: nn.Module.__getattr__ costs ~1 us per lookup
     lora_a, lora_b = buffers[BUFFER_A], buffers[BUFFER_B]
     x2 = x.reshape(-1, lora_a.shape[2])
     rows = x2.shape[0]
-    if rows == routing.num_tokens:
-        seg_indptr, lora_ids, lora_weights = routing.seg_indptr, routing.lora_ids, routing.lora_weights
-    elif rows == routing.num_sequences:  # one row per sequence, e.g. lm_head with logits_to_keep=1
-        seg_indptr, lora_ids, lora_weights = (
-            routing.last_seg_indptr,
-            routing.last_lora_ids,
-            routing.last_lora_weights,
-        )
+    if rows == state.num_tokens:
+        seg_indptr, lora_ids, lora_weights = state.seg_indptr, state.lora_ids, state.lora_weights
+    elif rows == state.num_sequences:  # one row per sequence, e.g. lm_head with logits_to_keep=1
+        seg_indptr, lora_ids = state.last_seg_indptr, state.last_lora_ids
+        lora_weights = state.last_lora_weights
     else:
         raise RuntimeError(
             f"dlp-lora: a patched module got {rows} rows, but the routed forward has "
-            f"{routing.num_tokens} tokens in {routing.num_sequences} sequences"
+            f"{state.num_tokens} tokens in {state.num_sequences} sequences"
         )
-    # is_compiling() is a constant to dynamo and ~70 ns in eager: traced forwards take the slow path
-    if routing.fast and x2.is_contiguous() and not torch.compiler.is_compiling():
-        routing.kernel(y.view(rows, -1), x2, lora_a, lora_b, seg_indptr, lora_ids, lora_weights)
+    run = functools.partial(ops.multi_lora, backend=state.backend, validate=False)
+    if (state.fast or torch.compiler.is_compiling()) and not y.requires_grad and (
+        x2.dtype == y.dtype == lora_a.dtype
+    ):
+        # In place (functionalised by the compiler when traced).
+        run(y.view(rows, -1), x2.contiguous(), lora_a, lora_b, seg_indptr, lora_ids, lora_weights)
         return y
-    return _add_lora_delta_slow(routing, x2, y, lora_a, lora_b, seg_indptr, lora_ids, lora_weights)
-
-
-def _add_lora_delta_slow(routing, x2, y, lora_a, lora_b, seg_indptr, lora_ids, lora_weights) -> torch.Tensor:
-    """Autograd on, autocast, torch.compile or strided activations (see RoutingState.fast).
-
-    Under torch.compile ops.launch runs the registered op, which dynamo captures as one node.
-    """
-    run = functools.partial(ops.launch, routing.kernel, routing.backend)
-    if torch.compiler.is_compiling() and not y.requires_grad and x2.dtype == y.dtype == lora_a.dtype:
-        run(y.view(x2.shape[0], -1), x2.contiguous(), lora_a, lora_b, seg_indptr, lora_ids, lora_weights)
-        return y  # in place, as the eager fast path (functionalised by the compiler)
-    # Compute the delta aside (no autograd through it) and add it out of place.
-    delta = torch.zeros(x2.shape[0], lora_b.shape[1], dtype=lora_a.dtype, device=y.device)
-    x2 = x2.detach().to(lora_a.dtype).contiguous()
-    run(delta, x2, lora_a, lora_b, seg_indptr, lora_ids, lora_weights)
+    # Autograd on, or autocast: compute the delta aside (no autograd through it), add it out of place.
+    delta = torch.zeros(rows, lora_b.shape[1], dtype=lora_a.dtype, device=y.device)
+    run(delta, x2.detach().to(lora_a.dtype).contiguous(), lora_a, lora_b, seg_indptr, lora_ids, lora_weights)
     return y + delta.view(y.shape).to(y.dtype)
 
 
 _PATCHED_CLASSES: dict[type, type] = {}
+
+
+def _new_patched(base_cls: type) -> nn.Module:
+    """An empty instance of the patched class of ``base_cls``, for unpickling (state comes after)."""
+    return object.__new__(_patched_class(base_cls))
 
 
 def _patched_class(base_cls: type) -> type:
@@ -118,10 +116,15 @@ def _patched_class(base_cls: type) -> type:
 
     def forward(self, x):
         y = base_forward(self, x)
-        routing = self.dlp_routing
-        if routing.active:
-            y = _add_lora_delta(self, routing, x, y)
+        state = self.dlp_routing.call.state  # this thread's routing (see dlp_lora.routing_state)
+        if state is not None and state.active:
+            y = _add_lora_delta(self, state, x, y)
         return y
+
+    def __reduce_ex__(self, protocol):
+        # Pickle by the base class, which pickle can find by name; the patched class is rebuilt.
+        _, _, *rest = base_cls.__reduce_ex__(self, protocol)
+        return (_new_patched, (base_cls,), *rest)
 
     def describe(self) -> str:
         return f"dlp_lora=(loras={self.dlp_lora_a.shape[0]}, r_max={self.dlp_lora_a.shape[1]})"
@@ -133,6 +136,7 @@ def _patched_class(base_cls: type) -> type:
     name = f"DLPLoRA{base_cls.__name__}"
     namespace = {
         "forward": forward,
+        "__reduce_ex__": __reduce_ex__,
         "extra_repr": extra_repr,
         "_dlp_base_class": base_cls,
         "__module__": __name__,
@@ -208,21 +212,15 @@ def patch_model(
     first = next(iter(targets.values()))[0] if targets else None
     if first is None:
         raise PatchError("patch_model: the bank targets no module")
-    resolve_kernel = _kernel_resolver(backend)
-    kernel, backend_name = resolve_kernel(
-        first.weight.device, first.weight.dtype
-    )  # a forced backend fails here
-
-    state = RoutingState(kernel, backend_name)
+    ops.resolve_backend(first.weight.device, backend, first.weight.dtype)  # a forced backend fails here
     routing = SequenceRouting(
-        state,
         names=bank.names,
         router=router,
         top_p=top_p,
         max_loras=max_loras,
         reroute=reroute,
         ender_ids=ender_ids,
-        resolve_kernel=resolve_kernel,
+        backend=backend,
         probe_module=first,
         forward_signature=inspect.signature(model.forward),
     )
@@ -231,11 +229,11 @@ def patch_model(
     for module, entry in targets.values():
         module.register_buffer(BUFFER_A, entry.lora_a, persistent=False)
         module.register_buffer(BUFFER_B, entry.lora_b, persistent=False)
-        setattr(module, STATE_ATTR, state)
+        setattr(module, STATE_ATTR, routing)
         module.__class__ = _patched_class(type(module))
     hook = model.register_forward_pre_hook(routing.pre_forward_hook, with_kwargs=True)
     setattr(model, HANDLE_ATTR, _PatchHandle(bank, router, routing, list(targets), hook))
-    setattr(model, LOG_ATTR, routing.log)
+    setattr(model, LOG_ATTR, routing.log_view)
     return model
 
 
@@ -259,26 +257,31 @@ def unpatch_model(model: nn.Module) -> nn.Module:
 
 @contextlib.contextmanager
 def use_mixture(
-    model: nn.Module, mixtures: Sequence[Mapping[str, float]] | Mapping[str, float]
-) -> Iterator[None]:
-    """Bypass the router: sequence b of every forward inside uses ``mixtures[b]`` = {adapter: weight}.
+    model: nn.Module, mixtures: Sequence[Mapping[str, float] | Route | None] | Mapping[str, float]
+) -> Iterator[Sequence[RoutingRecord]]:
+    """Choose each row's adapters: sequence b of every forward inside uses ``mixtures[b]``.
 
-    One dict per sequence of the batch (a single dict applies to every sequence). Weights are used
-    as given (not renormalised; the adapters' own scaling is already in the bank). {} is exactly
-    the base model. An unknown adapter name raises ValueError listing the bank's names; the
-    previous routing (router or an outer use_mixture) comes back on exit.
+    An entry is a fixed mixture {adapter: weight}, or ``Route(top_p=..., max_loras=...)`` / None
+    to let the router route that row (with its own top_p / max_loras, or the patch's). One entry
+    per sequence of the batch (a single one applies to every sequence). Weights are used as given
+    (not renormalised; the adapters' own scaling is already in the bank). {} is exactly the base
+    model. An unknown adapter name raises ValueError listing the bank's names; the previous routing
+    (router or an outer use_mixture) comes back on exit.
+
+    Per thread: another thread's forwards inside their own use_mixture never see these mixtures.
+    Yields the routing log of this thread's latest generation (as ``model.dlp_routing_log``).
     """
     handle = getattr(model, HANDLE_ATTR, None)
     if handle is None:
         raise PatchError("use_mixture: the model is not patched (call patch_model first)")
     parsed = _parse_mixtures(mixtures, handle.bank.names)
-    routing = handle.routing
-    previous = routing.override
-    routing.override = parsed
+    call = handle.routing.call
+    previous = call.rows
+    call.rows = parsed
     try:
-        yield
+        yield handle.routing.log_view
     finally:
-        routing.override = previous
+        call.rows = previous
 
 
 # --- validation (all before any change) ----------------------------------------------------------
@@ -309,12 +312,19 @@ def _check_router(router, bank: LoRABank) -> None:
 def _resolve_targets(model: nn.Module, bank: LoRABank) -> dict:
     """{module name: (module, ModuleLoRA cast to the module's dtype/device)}; raises on any misfit."""
     targets, missing, wrong_type, wrong_shape = {}, [], [], []
+    names_of: dict[int, str] = {}  # id(module) -> first name: a module shared by two names
     for name, entry in bank.modules.items():
         try:
             module = model.get_submodule(name)
         except AttributeError:
             missing.append(name)
             continue
+        if id(module) in names_of:
+            raise PatchError(
+                f"patch_model: {names_of[id(module)]!r} and {name!r} are one module object (tied or "
+                "shared weights); the adapters give each name its own LoRA, which one module cannot hold"
+            )
+        names_of[id(module)] = name
         features = _in_out_features(module)
         if features is None or hasattr(type(module), "_dlp_base_class"):
             wrong_type.append((name, type(module).__name__))
@@ -360,34 +370,24 @@ def _owners(bank: LoRABank, module_name: str) -> list[str]:
     return [name for name, r in zip(bank.names, ranks, strict=True) if r > 0]
 
 
-def _kernel_resolver(backend: str | None):
-    """(device, dtype) -> (raw kernel, backend name); float64 models use the reference backend."""
-
-    def resolve(device: torch.device, dtype: torch.dtype):
-        name = ops.resolve_backend(device, backend)
-        if dtype == torch.float64 and name != "reference":
-            if backend is not None or forced_backend():
-                raise PatchError(f"patch_model: float64 models need the 'reference' backend, not {name!r}")
-            name = "reference"
-        return ops.get_kernel(name), name
-
-    return resolve
-
-
-def _parse_mixtures(mixtures, names: list[str]):
-    """Mixtures -> [(bank ids, weights)] per sequence; raises ValueError naming the bad entry."""
+def _parse_mixtures(mixtures, names: list[str]) -> list[RowSpec]:
+    """use_mixture's entries -> a Route or (bank ids, weights) per sequence; ValueError names the entry."""
     if isinstance(mixtures, Mapping):
         mixtures = [mixtures]
     if isinstance(mixtures, (str, bytes)) or not isinstance(mixtures, Sequence) or not mixtures:
         raise ValueError(
-            "use_mixture: `mixtures` must be a non-empty list of {adapter_name: weight} dicts "
-            f"(one per sequence), got {mixtures!r}"
+            "use_mixture: `mixtures` must be a non-empty list of {adapter_name: weight} dicts or Route() "
+            f"entries (one per sequence), got {mixtures!r}"
         )
     parsed = []
     for b, mixture in enumerate(mixtures):
+        if mixture is None or isinstance(mixture, Route):
+            parsed.append(mixture or Route())
+            continue
         if not isinstance(mixture, Mapping):
             raise ValueError(
-                f"use_mixture: mixtures[{b}] must be a dict {{adapter_name: weight}}, got {mixture!r}"
+                f"use_mixture: mixtures[{b}] must be a dict {{adapter_name: weight}}, a Route or None, "
+                f"got {mixture!r}"
             )
         unknown = [name for name in mixture if name not in names]
         if unknown:
@@ -395,9 +395,12 @@ def _parse_mixtures(mixtures, names: list[str]):
                 f"use_mixture: mixtures[{b}] names unknown adapter(s) {unknown}; valid names: {names}"
             )
         for name, weight in mixture.items():
-            if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight):
+            # the op's weights are float32: a finite double beyond its range would become inf there
+            if (isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight)
+                    or abs(weight) > FLOAT32_MAX):
                 raise ValueError(
-                    f"use_mixture: mixtures[{b}][{name!r}] must be a finite number, got {weight!r}"
+                    f"use_mixture: mixtures[{b}][{name!r}] must be a finite number within float32's range "
+                    f"(|w| <= {FLOAT32_MAX:.3g}), got {weight!r}"
                 )
         parsed.append((tuple(names.index(n) for n in mixture), tuple(float(w) for w in mixture.values())))
     return parsed

@@ -43,14 +43,16 @@ by hand with torch.cuda.graph() would not run the router at replay.
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable, Sequence
+import threading
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
-from .ops import check_routing_values
+from .ops import check_routing_values, resolve_backend
+from .router.top_p import check_max_loras, check_top_p
 
-__all__ = ["RoutingRecord", "RoutingState", "SequenceRouting", "sentence_end_ids", "REROUTE_MODES"]
+__all__ = ["REROUTE_MODES", "Route", "RoutingRecord", "RoutingState", "SequenceRouting", "sentence_end_ids"]
 
 REROUTE_MODES = ("prompt", "sentence")
 SENTENCE_END_CHARS = (".", "!", "?", "\u3002", "\uff01", "\uff1f")
@@ -102,16 +104,15 @@ class RoutingState:
         "last_seg_indptr",
         "last_lora_ids",
         "last_lora_weights",
-        "kernel",
         "backend",
     )
 
-    def __init__(self, kernel: Callable[..., None], backend: str):
+    def __init__(self, backend: str):
         self.active = self.fast = False
         self.num_tokens = self.num_sequences = -1
         self.seg_indptr = self.lora_ids = self.lora_weights = None
         self.last_seg_indptr = self.last_lora_ids = self.last_lora_weights = None
-        self.kernel, self.backend = kernel, backend
+        self.backend = backend  # resolved op backend for the bank's device and dtype
 
 
 def sentence_end_ids(tokenizer) -> frozenset[int]:
@@ -138,17 +139,88 @@ def past_length(cache) -> int:
         return 0
 
 
+@dataclass(frozen=True)
+class Route:
+    """A batch row that the router routes, in ``use_mixture``: its own top_p / max_loras, or the patch's.
+
+    ``use_mixture(model, [Route(top_p=0.9), {"math": 1.0}])``: row 0 is routed (and re-routed at
+    sentence ends when patched with reroute="sentence") with top_p 0.9, row 1 uses a fixed mixture.
+    ``None`` in place of a Route means ``Route()``.
+    """
+
+    top_p: float | None = None
+    max_loras: int | None = None  # None: the patch's max_loras
+
+    def __post_init__(self):
+        if self.top_p is not None:
+            check_top_p(self.top_p)
+        check_max_loras(self.max_loras)
+
+
+# What use_mixture gives each row: a fixed mixture in bank space, or a Route.
+RowSpec = Mixture | Route
+
+
+class _CallState(threading.local):
+    """One thread's routing: the RoutingState the patched Linears read, and its generation so far.
+
+    Thread-local, so concurrent forward() / generate() calls on one model never see each other's
+    mixtures. (threading.local rather than a ContextVar: dynamo traces attribute reads of a
+    threading.local inside a compiled forward, and ContextVar.get() breaks the graph.)
+    """
+
+    state: RoutingState | None = None  # None until this thread's first forward
+    key: tuple | None = None  # (device, dtype) the state's tensors were built for
+    rows: list[RowSpec] | None = None  # use_mixture's rows; None = route every row
+    log: list[RoutingRecord]
+    step = 0
+    current: list[Mixture] | None = None  # the mixture of each sequence's open span
+    histories: list[list[int] | None] | None = None  # sentence mode: each routed row's real tokens
+    routes: list[RowSpec] | None = None  # each row's spec at the latest prefill
+    seq_tensors = None  # (ids, weights, active) for ``current``, built when it changes
+
+    def __init__(self):
+        self.log = []
+        self.seg_cache: dict = {}
+
+
+class LogView(Sequence):
+    """``model.dlp_routing_log``: the calling thread's routing records of its latest generation."""
+
+    def __init__(self, routing: SequenceRouting):
+        self._routing = routing
+
+    def _records(self) -> list[RoutingRecord]:
+        return self._routing.call.log
+
+    def __getitem__(self, index):
+        return self._records()[index]
+
+    def __len__(self) -> int:
+        return len(self._records())
+
+    def __eq__(self, other) -> bool:
+        return list(self._records()) == list(other) if isinstance(other, Sequence) else NotImplemented
+
+    def __repr__(self) -> str:
+        return repr(self._records())
+
+
 class SequenceRouting:
-    """Fills a RoutingState before each forward: router calls, sentence spans, use_mixture overrides.
+    """Fills the calling thread's RoutingState before each forward: router calls, sentence spans, rows.
 
     names: the bank's adapter names (bank ids index them); router: an object with ``label_names``
     and ``route(input_ids, attention_mask, *, top_p, max_loras) -> (ids [B,K] int32, weights [B,K])``
     or None (then only use_mixture applies adapters). ender_ids: tokens that end a sentence.
+    backend: the op backend asked for at patch time (None = automatic), resolved per device and dtype.
+
+    The configuration is shared by every caller; everything a forward or a generation changes lives
+    in ``call`` (one per thread). Picklable and deep-copyable: the per-thread state and the resolved
+    kernel are dropped and rebuilt on first use.
     """
 
     def __init__(
         self,
-        state: RoutingState,
         *,
         names: Sequence[str],
         router,
@@ -156,32 +228,40 @@ class SequenceRouting:
         max_loras: int | None,
         reroute: str,
         ender_ids: frozenset[int],
-        resolve_kernel: Callable[[torch.device, torch.dtype], tuple[Callable, str]],
+        backend: str | None,
         probe_module: torch.nn.Module,
         forward_signature: inspect.Signature,
     ):
-        self.state = state
         self.names = list(names)
         self.router = router
         self.top_p, self.max_loras, self.reroute = top_p, max_loras, reroute
         self.ender_ids = ender_ids
-        self._resolve_kernel = resolve_kernel
+        self.backend = backend
         # One patched module, whose lora_a says where and in what dtype the bank is now. Modules and
         # bound methods (not closures) so that copy.deepcopy(model) copies a consistent patch.
         self._probe_module = probe_module
         self._signature = forward_signature
-        self._kernel_key: tuple | None = None
-        self.log: list[RoutingRecord] = []
-        self.override: list[Mixture] | None = None  # per sequence; length 1 = every sequence
-        self._step = 0
-        self._current: list[Mixture] | None = None  # the mixture of each sequence's open span
-        self._histories: list[list[int]] | None = None  # sentence mode: every real token so far
         self._label_to_bank = None
         if router is not None:
             to_bank = [self.names.index(label) for label in router.label_names]
             self._label_to_bank = None if to_bank == list(range(len(to_bank))) else to_bank
-        self._seg_cache: dict = {}
-        self._seq_tensors = None  # (ids, weights, active) for self._current, built when it changes
+        self._init_runtime()
+
+    def _init_runtime(self) -> None:
+        self.call = _CallState()
+        self._backend_key: tuple | None = None
+        self._backend_name: str | None = None
+        self.log_view = LogView(self)
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        for name in ("call", "_backend_key", "_backend_name", "log_view"):
+            state.pop(name)
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._init_runtime()
 
     # --- entry point (called by the pre-forward hook) ----------------------------------------------
 
@@ -204,100 +284,123 @@ class SequenceRouting:
             B, L = inputs_embeds.shape[0], inputs_embeds.shape[1]
         else:
             raise ValueError("dlp-lora: the forward got neither input_ids nor inputs_embeds")
+        call = self.call
         probe = self._probe_module._buffers["dlp_lora_a"]
         device = probe.device
-        if (device, probe.dtype) != self._kernel_key:  # first call, or the model was moved / cast
-            self.state.kernel, self.state.backend = self._resolve_kernel(device, probe.dtype)
-            self._kernel_key = (device, probe.dtype)
-            self._seg_cache.clear()
-            self._seq_tensors = None
+        key = (device, probe.dtype)
+        if key != self._backend_key:  # first call, or the model was moved / cast
+            self._backend_name = resolve_backend(device, self.backend, probe.dtype)
+            self._backend_key = key
+        if call.state is None or call.key != key:  # this thread's first call, or a move / cast
+            call.state, call.key = RoutingState(self._backend_name), key
+            call.seg_cache.clear()
+            call.seq_tensors = None
         prefill = past_length(cache) == 0
         # Which tokens are real: from the prompt's mask at prefill; tokens fed while decoding are all real.
         attention_mask = token_mask(attention_mask, L) if prefill else None
-        self.state.fast = not (torch.is_grad_enabled() or torch.is_autocast_enabled(device.type))
+        call.state.fast = not (torch.is_grad_enabled() or torch.is_autocast_enabled(device.type))
         if prefill:
             _check_not_empty(L, attention_mask)
-            self._step = 0
-            self.log.clear()
+            call.step = 0
+            call.log = []
+            self._prefill(call, self._rows(call.rows, B), input_ids, attention_mask, B, L, device)
         else:
-            self._step += 1
-        if self.override is not None:
-            self._apply_override(B, L, prefill, device)
-        elif self.router is None:
-            raise RuntimeError(
-                "dlp-lora: this model was patched without a router; wrap the call in "
-                "`with use_mixture(model, mixtures):` or patch with a Router"
-            )
-        elif input_ids is None:
+            call.step += 1
+            self._continue(call, input_ids, B, L, device)
+
+    def _rows(self, rows: list[RowSpec] | None, B: int) -> list[RowSpec]:
+        """Each row's spec for a batch of B: use_mixture's rows (one broadcast to all), else routed."""
+        if rows is None:
+            rows = [Route()]
+        if len(rows) == 1 and B != 1:
+            rows = rows * B
+        if len(rows) != B:
             raise ValueError(
-                "dlp-lora: routing reads input_ids; inputs_embeds alone cannot be routed "
-                "(use use_mixture to give the mixtures instead)"
+                f"use_mixture: `mixtures` holds {len(rows)} mixtures but the batch has {B} "
+                "sequences (give one entry per sequence, or a single one for all)"
             )
-        elif prefill:
-            self._prefill(input_ids, attention_mask, device)
-        else:
-            self._continue(input_ids, device)
+        return rows
 
-    # --- router paths ----------------------------------------------------------------------------------
+    # --- prefill and decode ----------------------------------------------------------------------------
 
-    def _prefill(self, input_ids: torch.Tensor, attention_mask, device) -> None:
-        B, L = input_ids.shape
-        ids_host = input_ids.tolist()
-        mask_host = attention_mask.tolist() if attention_mask is not None else None
-        histories, spans = [], []  # spans: (sequence, first row j, history index, route end)
-        for b in range(B):
+    def _prefill(self, call: _CallState, rows: list[RowSpec], input_ids, attention_mask, B, L,
+                 device) -> None:
+        routed = [b for b, row in enumerate(rows) if isinstance(row, Route)]
+        if routed:
+            self._check_routable(input_ids)
+        ids_host = input_ids.tolist() if routed else None
+        mask_host = attention_mask.tolist() if routed and attention_mask is not None else None
+        histories: list[list[int] | None] = [None] * B
+        spans = []  # routed rows' spans: (sequence, first row j, history index, route end)
+        for b in routed:
             cols = [j for j in range(L) if mask_host is None or mask_host[b][j]]
             tokens = [ids_host[b][j] for j in cols]
-            histories.append(tokens)
+            histories[b] = tokens
             starts = [0]
             if self.reroute == "sentence":
                 starts += [i for i in range(1, len(tokens)) if self._is_boundary(tokens, i)]
             for k, start in enumerate(starts):
                 end = starts[k + 1] if k + 1 < len(starts) else len(tokens)
                 spans.append((b, 0 if k == 0 else cols[start], start, end))  # pads join the first span
-        mixtures = self._route([histories[b][:end] for b, _, _, end in spans])
+        mixtures = self._route(
+            [histories[b][:end] for b, _, _, end in spans], [rows[b] for b, _, _, _ in spans]
+        )
+        routed_spans: dict[int, list] = {}
+        for (b, j, position, _), mixture in zip(spans, mixtures, strict=True):
+            routed_spans.setdefault(b, []).append((j, position, mixture))
         reason = "sentence" if self.reroute == "sentence" else "prompt"
         segments, current = [], [None] * B
-        for (b, j, position, _), mixture in zip(spans, mixtures, strict=True):
-            segments.append((b * L + j, mixture))
-            current[b] = mixture
-            self._record(b, position, mixture, reason)
-        self._histories = histories if self.reroute == "sentence" else None
-        self._set_current(current)
+        for b, row in enumerate(rows):
+            # a fixed mixture is one span from row 0, never re-routed
+            for j, position, mixture in routed_spans.get(b, [(0, 0, row)]):
+                segments.append((b * L + j, mixture))
+                current[b] = mixture
+                self._record(call, b, position, mixture, reason if b in routed_spans else "mixture")
+        call.histories = histories if self.reroute == "sentence" else None
+        call.routes = rows
+        self._set_current(call, current)
         if len(segments) == B:
-            self._use_sequence_segments(B, L, device)
+            self._use_sequence_segments(call, B, L, device)
         else:
-            self._use_segments(segments, B, L, device)
+            self._use_segments(call, segments, B, L, device)
 
-    def _continue(self, input_ids: torch.Tensor, device) -> None:
-        B, L = input_ids.shape
-        if self._current is None or len(self._current) != B:
+    def _continue(self, call: _CallState, input_ids: torch.Tensor | None, B: int, L: int, device) -> None:
+        if call.current is None or len(call.current) != B:
             raise RuntimeError(
                 "dlp-lora: a forward with a filled cache but no matching prefill through the patched model "
-                f"(batch {B}, routed batch {None if self._current is None else len(self._current)}); "
+                f"(batch {B}, routed batch {None if call.current is None else len(call.current)}); "
                 "run the prompt through the patched model first"
             )
-        if self.reroute != "sentence" or not self.ender_ids:
-            self._use_sequence_segments(B, L, device)
+        if call.rows is not None:  # a use_mixture entered since the prefill sets the fixed rows from here on
+            rows = self._rows(call.rows, B)
+            self._set_current(call, [
+                call.current[b] if isinstance(row, Route) else row for b, row in enumerate(rows)
+            ])
+        if call.histories is None or not self.ender_ids or not any(h is not None for h in call.histories):
+            self._use_sequence_segments(call, B, L, device)
             return
+        self._check_routable(input_ids)
         boundaries = []  # (sequence, row j, history index)
         for b, new_tokens in enumerate(input_ids.tolist()):
-            history = self._histories[b]
+            history = call.histories[b]
+            if history is None:  # a row with a fixed mixture
+                continue
             for j, token in enumerate(new_tokens):
                 history.append(token)
                 if self._is_boundary(history, len(history) - 1):
                     boundaries.append((b, j, len(history) - 1))
         if not boundaries:
-            self._use_sequence_segments(B, L, device)
+            self._use_sequence_segments(call, B, L, device)
             return
         ends = []  # each span is routed on the history up to its end within this forward
         for k, (b, _, _) in enumerate(boundaries):
             nxt = boundaries[k + 1] if k + 1 < len(boundaries) else None
-            ends.append(nxt[2] if nxt is not None and nxt[0] == b else len(self._histories[b]))
+            ends.append(nxt[2] if nxt is not None and nxt[0] == b else len(call.histories[b]))
         mixtures = self._route(
-            [self._histories[b][:end] for (b, _, _), end in zip(boundaries, ends, strict=True)]
+            [call.histories[b][:end] for (b, _, _), end in zip(boundaries, ends, strict=True)],
+            [call.routes[b] for b, _, _ in boundaries],
         )
-        segments, current = [], list(self._current)
+        segments, current = [], list(call.current)
         opened = set()
         for (b, j, position), mixture in zip(boundaries, mixtures, strict=True):
             if b not in opened and j > 0:  # rows before the first boundary continue the open span
@@ -305,18 +408,43 @@ class SequenceRouting:
             opened.add(b)
             segments.append((b * L + j, mixture))
             current[b] = mixture
-            self._record(b, position, mixture, "sentence")
-        segments += [(b * L, self._current[b]) for b in range(B) if b not in opened]
+            self._record(call, b, position, mixture, "sentence")
+        segments += [(b * L, call.current[b]) for b in range(B) if b not in opened]
         segments.sort(key=lambda seg: seg[0])
-        self._set_current(current)
-        self._use_segments(segments, B, L, device)
+        self._set_current(call, current)
+        self._use_segments(call, segments, B, L, device)
+
+    def _check_routable(self, input_ids) -> None:
+        if self.router is None:
+            raise RuntimeError(
+                "dlp-lora: this model was patched without a router; wrap the call in "
+                "`with use_mixture(model, mixtures):` or patch with a Router"
+            )
+        if input_ids is None:
+            raise ValueError(
+                "dlp-lora: routing reads input_ids; inputs_embeds alone cannot be routed "
+                "(use use_mixture to give the mixtures instead)"
+            )
 
     def _is_boundary(self, tokens: list[int], i: int) -> bool:
         # The first of a run of enders ("...", "!?", "\n\n") starts the span; the rest stay in it.
         return i > 0 and tokens[i] in self.ender_ids and tokens[i - 1] not in self.ender_ids
 
-    def _route(self, token_lists: list[list[int]]) -> list[Mixture]:
-        """Route each token list (one router call for all of them); returns bank-space mixtures."""
+    def _route(self, token_lists: list[list[int]], routes: list[Route]) -> list[Mixture]:
+        """Route each token list with its row's Route; one router call per distinct (top_p, max_loras)."""
+        groups: dict[tuple, list[int]] = {}
+        for i, route in enumerate(routes):
+            top_p = self.top_p if route.top_p is None else route.top_p
+            max_loras = self.max_loras if route.max_loras is None else route.max_loras
+            groups.setdefault((top_p, max_loras), []).append(i)
+        mixtures: list[Mixture | None] = [None] * len(token_lists)
+        for (top_p, max_loras), members in groups.items():
+            routed = self._route_group([token_lists[i] for i in members], top_p, max_loras)
+            for i, mixture in zip(members, routed, strict=True):
+                mixtures[i] = mixture
+        return mixtures
+
+    def _route_group(self, token_lists: list[list[int]], top_p: float, max_loras) -> list[Mixture]:
         router_device = _module_device(self.router)
         longest = max(len(tokens) for tokens in token_lists)
         ids = torch.zeros(len(token_lists), longest, dtype=torch.long)
@@ -326,7 +454,7 @@ class SequenceRouting:
             mask[i, : len(tokens)] = 1
         with torch.no_grad():
             lora_ids, weights = self.router.route(
-                ids.to(router_device), mask.to(router_device), top_p=self.top_p, max_loras=self.max_loras
+                ids.to(router_device), mask.to(router_device), top_p=top_p, max_loras=max_loras
             )
         mixtures = []
         for row_ids, row_weights in zip(lora_ids.tolist(), weights.tolist(), strict=True):
@@ -336,74 +464,60 @@ class SequenceRouting:
             mixtures.append((tuple(i for i, _ in kept), tuple(float(w) for _, w in kept)))
         return mixtures
 
-    # --- use_mixture path ------------------------------------------------------------------------------
-
-    def _apply_override(self, B: int, L: int, prefill: bool, device) -> None:
-        mixtures = self.override
-        if len(mixtures) == 1 and B != 1:
-            mixtures = mixtures * B
-        if len(mixtures) != B:
-            raise ValueError(
-                f"use_mixture: `mixtures` holds {len(mixtures)} mixtures but the batch has {B} "
-                "sequences (give one dict per sequence, or a single dict for all)"
-            )
-        if prefill:
-            for b, mixture in enumerate(mixtures):
-                self._record(b, 0, mixture, "mixture")
-        if mixtures != self._current:
-            self._set_current(list(mixtures))
-        self._use_sequence_segments(B, L, device)
-
     # --- building the op's routing tensors ---------------------------------------------------------
 
-    def _set_current(self, current: list[Mixture]) -> None:
-        self._current = current
-        self._seq_tensors = None
+    def _set_current(self, call: _CallState, current: list[Mixture]) -> None:
+        if current != call.current:
+            call.current = current
+            call.seq_tensors = None
 
-    def _use_sequence_segments(self, B: int, L: int, device) -> None:
+    def _use_sequence_segments(self, call: _CallState, B: int, L: int, device) -> None:
         """One segment per sequence with its current mixture: the decode fast path (cached tensors)."""
-        if self._seq_tensors is None:
-            ids, weights = _mixture_tensors(self._current, device)
-            self._seq_tensors = (ids, weights, bool((ids >= 0).any()))
-            check_routing_values(self._seg_indptr(B, 1, device), ids, num_tokens=B, num_loras=len(self.names))
-        ids, weights, active = self._seq_tensors
-        state = self.state
-        state.seg_indptr = self._seg_indptr(B, L, device)
+        if call.seq_tensors is None:
+            ids, weights = _mixture_tensors(call.current, device)
+            call.seq_tensors = (ids, weights, bool((ids >= 0).any()))
+            check_routing_values(
+                self._seg_indptr(call, B, 1, device), ids, num_tokens=B, num_loras=len(self.names)
+            )
+        ids, weights, active = call.seq_tensors
+        state = call.state
+        state.seg_indptr = self._seg_indptr(call, B, L, device)
         state.lora_ids, state.lora_weights = ids, weights
-        state.last_seg_indptr = self._seg_indptr(B, 1, device)
+        state.last_seg_indptr = self._seg_indptr(call, B, 1, device)
         state.last_lora_ids, state.last_lora_weights = ids, weights
         state.num_tokens, state.num_sequences, state.active = B * L, B, active
 
-    def _use_segments(self, segments: list[tuple[int, Mixture]], B: int, L: int, device) -> None:
+    def _use_segments(self, call: _CallState, segments: list[tuple[int, Mixture]], B: int, L: int,
+                      device) -> None:
         """Arbitrary segments [(first row, mixture)], sorted, the first at row 0."""
         seg_indptr = torch.tensor([row for row, _ in segments] + [B * L], dtype=torch.int32)
         ids, weights = _mixture_tensors([mixture for _, mixture in segments], device)
         check_routing_values(seg_indptr, ids, num_tokens=B * L, num_loras=len(self.names))
-        self._use_sequence_segments(B, L, device)  # fills last_* (each sequence's current mixture)
-        state = self.state
+        self._use_sequence_segments(call, B, L, device)  # fills last_* (each sequence's current mixture)
+        state = call.state
         state.seg_indptr = seg_indptr.to(device)
         state.lora_ids, state.lora_weights = ids, weights
         state.active = bool((ids >= 0).any())
 
-    def _seg_indptr(self, B: int, L: int, device) -> torch.Tensor:
+    def _seg_indptr(self, call: _CallState, B: int, L: int, device) -> torch.Tensor:
         key = (B, L)
-        seg = self._seg_cache.get(key)
+        seg = call.seg_cache.get(key)
         if seg is None:
-            if len(self._seg_cache) > 8:  # prompts of many lengths: keep the cache small
-                self._seg_cache.clear()
+            if len(call.seg_cache) > 8:  # prompts of many lengths: keep the cache small
+                call.seg_cache.clear()
             seg = (
                 torch.arange(0, B * L + 1, L, dtype=torch.int32, device=device)
                 if L > 0
                 else torch.zeros(B + 1, dtype=torch.int32, device=device)
             )
-            self._seg_cache[key] = seg
+            call.seg_cache[key] = seg
         return seg
 
-    def _record(self, sequence: int, position: int, mixture: Mixture, reason: str) -> None:
+    def _record(self, call: _CallState, sequence: int, position: int, mixture: Mixture, reason: str) -> None:
         ids, weights = mixture
-        self.log.append(
+        call.log.append(
             RoutingRecord(
-                self._step, sequence, position, tuple(self.names[i] for i in ids), tuple(weights), reason
+                call.step, sequence, position, tuple(self.names[i] for i in ids), tuple(weights), reason
             )
         )
 

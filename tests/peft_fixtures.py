@@ -161,7 +161,7 @@ def default_backend() -> str | None:
     from dlp_lora import ops
 
     if ops.load_extension() is not None and torch._C._dispatch_has_kernel_for_dispatch_key(
-        "dlp_lora_C::multi_lora", "CPU"
+        "dlp_lora::multi_lora", "CPU"
     ):
         return None
     return "reference"

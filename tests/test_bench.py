@@ -156,7 +156,7 @@ def test_decode_breakdown_rows_weights_model_and_table(tmp_path):
 def test_breakdown_categories():
     from dlp_lora.bench.breakdown import category, kernel_category
 
-    assert [category(n) for n in ("aten::mm", "aten::addmm", "aten::bmm", "dlp_lora_C::multi_lora",
+    assert [category(n) for n in ("aten::mm", "aten::addmm", "aten::bmm", "dlp_lora::multi_lora",
                                   "aten::_scaled_dot_product_flash_attention_for_cpu", "aten::topk")] == [
         "matmul", "matmul", "matmul", "lora_op", "attention", "other"]
     kernels = {

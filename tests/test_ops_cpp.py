@@ -1,4 +1,4 @@
-"""The `cpp` backend (compiled CPU kernel, torch.ops.dlp_lora_C.multi_lora) and its registration.
+"""The `cpp` backend (compiled CPU kernel, torch.ops.dlp_lora.multi_lora) and its registration.
 
 Every path of the kernel is compared with the float64 oracle on the shared sweep (tests/op_cases.py):
 the fused decode loops under each instruction set this CPU has (AVX-512 / AVX2 / generic C++), the
@@ -116,7 +116,7 @@ def test_in_place_contract():
     assert_matches_reference(args.y, y, args, torch.bfloat16, "cpp", case=case)
     # the raw compiled op returns nothing and also updates in place
     y2 = args.y.clone()
-    assert torch.ops.dlp_lora_C.multi_lora(y2, *args[1:]) is None
+    assert torch.ops.dlp_lora.multi_lora(y2, *args[1:]) is None
     assert torch.equal(y2, y)
 
 
@@ -166,7 +166,7 @@ def test_degenerate_shapes_do_nothing():
     seg = torch.tensor([4], dtype=torch.int32)  # S = 0 segments, all 4 rows outside
     ids, w = torch.zeros(0, 2, dtype=torch.int32), torch.zeros(0, 2)
     y0 = y.clone()
-    torch.ops.dlp_lora_C.multi_lora(y, x, a, b, seg, ids, w)
+    torch.ops.dlp_lora.multi_lora(y, x, a, b, seg, ids, w)
     assert torch.equal(y, y0)
 
 
@@ -231,7 +231,7 @@ def test_bad_input_direct_call_raises(mutate, arg):
     y_before = case[0].clone() if case[0].device.type == "cpu" else None
     # RuntimeError from the C++ TORCH_CHECK; a meta tensor routes to the fake impl, which validates too
     with pytest.raises((RuntimeError, MultiLoRAArgumentError), match=f"`{arg}`"):
-        torch.ops.dlp_lora_C.multi_lora(*case)
+        torch.ops.dlp_lora.multi_lora(*case)
     if y_before is not None:
         assert torch.equal(case[0], y_before)
 
@@ -241,7 +241,7 @@ def test_float64_is_reference_only():
     with pytest.raises(MultiLoRAArgumentError, match="float64"):
         ops.multi_lora(*args, backend="cpp")
     with pytest.raises(RuntimeError, match="`x`"):
-        torch.ops.dlp_lora_C.multi_lora(*args)
+        torch.ops.dlp_lora.multi_lora(*args)
 
 
 # --- registration: opcheck, torch.compile ---------------------------------------------------------
@@ -249,12 +249,13 @@ def test_float64_is_reference_only():
 @pytest.mark.parametrize("case", [CASE_SWEEP[3], CASE_SWEEP[6]], ids=["fused", "gemm"])
 def test_opcheck_compiled_op(case):
     args = tuple(case.tensors(torch.float32))
-    torch.library.opcheck(torch.ops.dlp_lora_C.multi_lora.default, args)
+    torch.library.opcheck(torch.ops.dlp_lora.multi_lora.default, args)
 
 
-def test_opcheck_public_op_with_cpp_backend():
+def test_opcheck_op_of_the_python_backends():
+    """The registered op that traced forwards run for the reference and triton backends."""
     args = tuple(CASE_SWEEP[3].tensors(torch.bfloat16))
-    torch.library.opcheck(torch.ops.dlp_lora.multi_lora.default, (*args, "cpp"))
+    torch.library.opcheck(torch.ops.dlp_lora.multi_lora_python.default, (*args, "reference"))
 
 
 @pytest.mark.parametrize(

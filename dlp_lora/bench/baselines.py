@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..ops import get_kernel, launch, resolve_backend
+from ..ops import multi_lora, resolve_backend
 
 __all__ = [
     "FORMS", "LoRAStack", "TokenGatedLoRALinear", "apply_gather_bmm", "apply_loop", "apply_segmented_op",
@@ -103,25 +103,19 @@ def apply_gather_bmm(y: torch.Tensor, x: torch.Tensor, stack: LoRAStack, lora_id
 
 
 def apply_segmented_op(y: torch.Tensor, x: torch.Tensor, stack: LoRAStack, lora_ids: torch.Tensor,
-                       weights: torch.Tensor, *, backend: str | None = None,
-                       kernel: Callable[..., None] | None = None) -> None:
+                       weights: torch.Tensor, *, backend: str | None = None) -> None:
     """Form 3, in place: the dlp_lora op with one segment per token.
 
     Shapes as apply_loop. ``backend``: a resolved backend name (ops.resolve_backend), default the
-    automatic one for x's device; ``kernel``: its raw kernel (ops.get_kernel), resolved once by
-    the caller. Under torch.compile the registered op runs instead (ops.launch). Ids come from
-    topk, so they are valid by construction and the per-call host validation is skipped, as the
-    patched DLP-LoRA Linear skips it.
+    automatic one for x's device, resolved once by the caller. Ids come from topk, so they are
+    valid by construction and the op's host validation is skipped, as the patched DLP-LoRA Linear
+    skips it.
     """
-    if backend is None:
-        backend = resolve_backend(x.device)
-    if kernel is None:
-        kernel = get_kernel(backend)
     T = x.shape[0]
     seg_indptr = torch.arange(T + 1, dtype=torch.int32, device=x.device)
     lora_weights = (weights * stack.scaling[lora_ids]).contiguous()
-    launch(kernel, backend, y, x.contiguous(), stack.lora_a, stack.lora_b, seg_indptr,
-           lora_ids.to(torch.int32), lora_weights)
+    multi_lora(y, x.contiguous(), stack.lora_a, stack.lora_b, seg_indptr, lora_ids.to(torch.int32),
+               lora_weights, backend=backend, validate=False)
 
 
 FORMS: dict[str, Callable[..., None]] = {
@@ -164,7 +158,7 @@ class TokenGatedLoRALinear(nn.Module):
         # The op's backend is resolved once here, not on every token.
         if form == "op":
             name = resolve_backend(weight.device, backend)
-            self._apply = functools.partial(apply_segmented_op, backend=name, kernel=get_kernel(name))
+            self._apply = functools.partial(apply_segmented_op, backend=name)
         else:
             self._apply = FORMS[form]
 

@@ -17,7 +17,7 @@ measures that, at batch 1, for ``base``, ``peft_single``, ``dlp_N`` and ``meteor
 
       matmul     aten::mm / addmm / bmm: the base Linears, lm_head, MeteoRA's gates and its bmm form
       attention  aten::_scaled_dot_product_*
-      lora_op    the multi-LoRA op (dlp_lora_C::multi_lora, dlp_lora::multi_lora)
+      lora_op    the multi-LoRA op (dlp_lora::multi_lora, dlp_lora::multi_lora_python)
       other      everything else: small ops (topk, softmax, index, cat, casts, ...) and dispatch
 
   CPU self time always, and ``outside_ops``: the profiled wall time of the step minus the time in
@@ -42,7 +42,7 @@ from torch.autograd import DeviceType
 
 CATEGORIES = ("matmul", "attention", "lora_op", "other")
 _MATMUL = {"aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::_addmm_activation"}
-_LORA_OP = {"dlp_lora_C::multi_lora", "dlp_lora::multi_lora"}
+_LORA_OP = {"dlp_lora::multi_lora", "dlp_lora::multi_lora_python"}
 # A decode step's profile should not include the prefill: it is the difference of two generate()
 # calls that differ only in the number of steps.
 SHORT_STEPS = 4

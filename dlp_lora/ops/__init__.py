@@ -30,8 +30,8 @@ from .validate import MultiLoRAArgumentError, check_multi_lora_args, check_routi
 
 __all__ = [
     "BACKENDS", "MultiLoRAArgumentError", "available_backends", "check_multi_lora_args",
-    "check_routing_values", "get_kernel", "launch", "multi_lora", "multi_lora_delta", "multi_lora_reference",
-    "resolve_backend", "extension_error",
+    "check_routing_values", "extension_error", "get_kernel", "multi_lora", "multi_lora_delta",
+    "multi_lora_reference", "resolve_backend",
 ]
 
 BACKENDS = ("reference", "cpp", "triton", "cuda")
@@ -73,20 +73,30 @@ def _usable(name: str, device: torch.device) -> bool:
     return False
 
 
-def resolve_backend(device: torch.device, backend: str | None = None) -> str:
-    """The backend a call on ``device`` will use (explicit > $DLP_LORA_BACKEND > automatic)."""
-    name = backend or forced_backend()
-    if name is not None and name != "auto":
-        if name not in BACKENDS:
+def resolve_backend(
+    device: torch.device, backend: str | None = None, dtype: torch.dtype | None = None
+) -> str:
+    """The backend a call on ``device`` will use (explicit > $DLP_LORA_BACKEND > automatic).
+
+    float64 runs only on the reference backend: chosen automatically, refused when forced.
+    """
+    forced = backend or forced_backend()
+    if forced is not None and forced != "auto":
+        if forced not in BACKENDS:
             raise MultiLoRAArgumentError(
-                f"multi_lora: `backend` must be one of {BACKENDS} or 'auto', got {name!r}")
-        if not _usable(name, device):
+                f"multi_lora: `backend` must be one of {BACKENDS} or 'auto', got {forced!r}")
+        if not _usable(forced, device):
             raise RuntimeError(
-                f"multi_lora: backend {name!r} is not usable on {device} "
+                f"multi_lora: backend {forced!r} is not usable on {device} "
                 f"(available there: {available_backends(device)}"
                 + (f"; extension: {extension_error()}" if extension_error() else "") + ")"
             )
-        return name
+        if dtype == torch.float64 and forced != "reference":
+            raise MultiLoRAArgumentError(
+                f"multi_lora: float64 is only supported by the reference backend, not {forced!r}")
+        return forced
+    if dtype == torch.float64:
+        return "reference"
     order = ("cpp", "reference") if device.type == "cpu" else ("triton", "cuda", "reference")
     for candidate in order:
         if _usable(candidate, device):
@@ -94,16 +104,17 @@ def resolve_backend(device: torch.device, backend: str | None = None) -> str:
     return "reference"
 
 
+@functools.cache
 def get_kernel(backend: str) -> Kernel:
     """The raw in-place kernel of a resolved backend: kernel(y, x, a, b, seg_indptr, ids, weights).
 
-    No validation: callers (the patched Linear) validate once per routing step.
+    No validation; eager only (under torch.compile, :func:`multi_lora` runs the registered op).
     """
     if backend == "reference":
         return multi_lora_reference
     if backend in ("cpp", "cuda"):
         load_extension()
-        return torch.ops.dlp_lora_C.multi_lora.default
+        return torch.ops.dlp_lora.multi_lora.default
     if backend == "triton":
         from ..triton_kernels import multi_lora_triton
 
@@ -112,37 +123,21 @@ def get_kernel(backend: str) -> Kernel:
 
 
 # --- torch.library registration: one op that torch.compile / CUDA graphs can capture -------------
+# The compiled kernels (cpp on CPU, cuda on GPU) are the extension's C++ op torch.ops.dlp_lora.multi_lora
+# (schema in csrc/registration.cpp, fake impl in _fake.py). The backends written in Python (reference,
+# triton) share this op, so a traced forward holds one opaque node whatever the backend: dynamo cannot
+# trace a Triton launcher's host code, and CUDA graphs replay the node.
 
-@torch.library.custom_op("dlp_lora::multi_lora", mutates_args=("y",))
-def _multi_lora_op(y: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor,
-                   seg_indptr: torch.Tensor, lora_ids: torch.Tensor, lora_weights: torch.Tensor,
-                   backend: str) -> None:
+@torch.library.custom_op("dlp_lora::multi_lora_python", mutates_args=("y",))
+def _multi_lora_python(y: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor,
+                       seg_indptr: torch.Tensor, lora_ids: torch.Tensor, lora_weights: torch.Tensor,
+                       backend: str) -> None:
     get_kernel(backend)(y, x, lora_a, lora_b, seg_indptr, lora_ids, lora_weights)
 
 
-@_multi_lora_op.register_fake
+@_multi_lora_python.register_fake
 def _(y, x, lora_a, lora_b, seg_indptr, lora_ids, lora_weights, backend):
     return None
-
-
-def launch(kernel: Kernel, backend: str, y: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor,
-           lora_b: torch.Tensor, seg_indptr: torch.Tensor, lora_ids: torch.Tensor,
-           lora_weights: torch.Tensor) -> None:
-    """Run a resolved raw kernel (``get_kernel(backend)``), unvalidated, in place on y.
-
-    While torch.compile traces, a registered op runs instead, which dynamo captures as one opaque
-    node (it cannot trace a Triton launcher's host code) and CUDA graphs replay: for ``cpp`` and
-    ``cuda`` the extension's C++ op itself (``torch.ops.dlp_lora_C.multi_lora``, fake impl in
-    _fake.py), else ``torch.ops.dlp_lora.multi_lora``. Measured on CPU (1 thread, d=1024, one
-    decode row): the Python-defined custom op costs ~100 us a call in dispatch, the C++ op ~20 us;
-    a 56-module model pays that at every decode step.
-    """
-    if not torch.compiler.is_compiling():
-        kernel(y, x, lora_a, lora_b, seg_indptr, lora_ids, lora_weights)
-    elif backend in ("cpp", "cuda"):
-        torch.ops.dlp_lora_C.multi_lora(y, x, lora_a, lora_b, seg_indptr, lora_ids, lora_weights)
-    else:
-        torch.ops.dlp_lora.multi_lora(y, x, lora_a, lora_b, seg_indptr, lora_ids, lora_weights, backend)
 
 
 def multi_lora(
@@ -157,17 +152,27 @@ def multi_lora(
     backend: str | None = None,
     validate: bool = True,
 ) -> torch.Tensor:
-    """y += sum_k w[s,k] * B[id] A[id] x  for every segment s; returns y. See the module docstring."""
-    compiling = torch.compiler.is_compiling()
+    """y += sum_k w[s,k] * B[id] A[id] x  for every segment s; returns y. See the module docstring.
+
+    The one door to the op. Eager: the backend's raw kernel, called directly (a Python custom op
+    costs ~100 us a call in dispatch; a decode step of a patched model makes one call per module).
+    Under torch.compile: the registered op, captured as one node.
+
+    validate=False skips every check and takes ``backend`` as already resolved (the patched Linear
+    checks its routing tensors once per forward and resolves the backend once per device and dtype).
+    """
     if validate:
         # Value checks read tensors (a sync); under torch.compile they would break the graph.
         check_multi_lora_args(y, x, lora_a, lora_b, seg_indptr, lora_ids, lora_weights,
-                              check_values=not compiling)
-    name = resolve_backend(x.device, backend)
-    if x.dtype == torch.float64 and name != "reference":
-        if backend is not None or forced_backend():
-            raise MultiLoRAArgumentError(
-                f"multi_lora: float64 is only supported by the reference backend, not {name!r}")
-        name = "reference"
-    torch.ops.dlp_lora.multi_lora(y, x, lora_a, lora_b, seg_indptr, lora_ids, lora_weights, name)
+                              check_values=not torch.compiler.is_compiling())
+        backend = resolve_backend(x.device, backend, x.dtype)
+    elif backend is None:
+        backend = resolve_backend(x.device, None, x.dtype)
+    if not torch.compiler.is_compiling():
+        get_kernel(backend)(y, x, lora_a, lora_b, seg_indptr, lora_ids, lora_weights)
+    elif backend in ("cpp", "cuda"):
+        torch.ops.dlp_lora.multi_lora(y, x, lora_a, lora_b, seg_indptr, lora_ids, lora_weights)
+    else:
+        torch.ops.dlp_lora.multi_lora_python(
+            y, x, lora_a, lora_b, seg_indptr, lora_ids, lora_weights, backend)
     return y

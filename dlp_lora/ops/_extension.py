@@ -12,9 +12,9 @@ def load_extension():
     if "module" in _state:
         return _state["module"]
     try:
-        from dlp_lora import _C  # noqa: F401  (registers torch.ops.dlp_lora_C.*)
+        from dlp_lora import _C  # noqa: F401  (registers torch.ops.dlp_lora.*)
 
-        from . import _fake  # noqa: F401  (fake impl of torch.ops.dlp_lora_C.multi_lora)
+        from . import _fake  # noqa: F401  (fake impl of torch.ops.dlp_lora.multi_lora)
         module = _C
     except Exception as exc:  # ImportError, undefined symbol, ABI mismatch...
         module = None

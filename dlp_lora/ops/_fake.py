@@ -1,4 +1,4 @@
-"""Fake (meta) implementation of the compiled op ``torch.ops.dlp_lora_C.multi_lora``.
+"""Fake (meta) implementation of the compiled op ``torch.ops.dlp_lora.multi_lora``.
 
 The op mutates y in place and returns nothing, so under FakeTensor / torch.compile tracing there is
 no output to describe: the fake impl only re-checks what it can without reading values (ranks,
@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 
-@torch.library.register_fake("dlp_lora_C::multi_lora")
+@torch.library.register_fake("dlp_lora::multi_lora")
 def _multi_lora_fake(y: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor,
                      seg_indptr: torch.Tensor, lora_ids: torch.Tensor, lora_weights: torch.Tensor) -> None:
     from .validate import check_multi_lora_args
