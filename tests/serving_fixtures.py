@@ -57,25 +57,16 @@ def generate_alone(model, tokenizer, prompt: str, max_tokens: int, mixture: dict
     """The oracle: greedy generate() of one prompt alone on a patched model, as `dlp-lora generate` runs it.
 
     Returns {"text", "finish_reason", "routing"} in the server's terms (routing: every RoutingRecord of
-    the call as {"position", "adapters", "reason"}). routing_top_p / max_loras need the per-call
-    routing API (dlp_lora.Route); without it, pass a model patched with those defaults instead.
+    the call as {"position", "adapters", "reason"}).
     """
-    import contextlib
-
-    from dlp_lora import patch
+    from dlp_lora import Route, use_mixture
 
     enc = tokenizer([prompt], return_tensors="pt")
-    if mixture is not None:
-        routing = patch.use_mixture(model, [mixture])
-    elif hasattr(patch, "Route"):
-        routing = patch.use_mixture(model, [patch.Route(routing_top_p, max_loras)])
-    else:
-        assert routing_top_p is None and max_loras is None, "per-row routing options need dlp_lora.Route"
-        routing = contextlib.nullcontext()
-    with torch.no_grad(), routing as records:
+    entry = mixture if mixture is not None else Route(routing_top_p, max_loras)
+    with torch.no_grad(), use_mixture(model, [entry]) as log:
         out = model.generate(**enc, max_new_tokens=max_tokens, do_sample=False,
                              pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
-        records = list(records if records is not None else model.dlp_routing_log)
+        records = list(log)
     new = out[0, enc["input_ids"].shape[1]:].tolist()
     stopped = tokenizer.eos_token_id in new
     kept = new[:new.index(tokenizer.eos_token_id)] if stopped else new

@@ -19,11 +19,9 @@ pytestmark = pytest.mark.filterwarnings("ignore:Using extra keyword arguments on
 ray = pytest.importorskip("ray", reason="needs the serve extra: pip install 'dlp-lora[serve]'")
 serve = pytest.importorskip("ray.serve")
 
-from dlp_lora.serving import engine as engine_mod  # noqa: E402
 from dlp_lora.serving.app import APP_NAME, build_app  # noqa: E402
 from dlp_lora.serving.loading import load_engine  # noqa: E402
 
-PER_CALL = engine_mod.PER_CALL_ROUTING
 TIMEOUT_S = 60  # per HTTP request
 
 
@@ -52,17 +50,12 @@ def server(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def oracle(server):
-    """In-process engines on the same directories: generate() of one prompt alone is the reference."""
-    art = server["art"]
-    return {None: load_engine(sf.config(art)), 0.9: load_engine(sf.config(art, top_p=0.9, max_loras=2))}
+    """An in-process engine on the same directories: generate() of one prompt alone is the reference."""
+    return load_engine(sf.config(server["art"]))
 
 
 def _expected(oracle, prompt, max_tokens, mixture=None, routing_top_p=None, max_loras=None):
-    if PER_CALL:
-        engine = oracle[None]
-    else:  # without per-call routing options, a model patched with them is the reference
-        engine, routing_top_p, max_loras = oracle[routing_top_p], None, None
-    return sf.generate_alone(engine.model, engine.tokenizer, prompt, max_tokens, mixture, routing_top_p,
+    return sf.generate_alone(oracle.model, oracle.tokenizer, prompt, max_tokens, mixture, routing_top_p,
                              max_loras)
 
 

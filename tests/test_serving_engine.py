@@ -9,12 +9,9 @@ import math
 import pytest
 import serving_fixtures as sf
 
-from dlp_lora.serving import engine as engine_mod
 from dlp_lora.serving.engine import GenerationRow, RowResult
 from dlp_lora.serving.loading import load_engine
 from dlp_lora.serving.protocol import APIError, ServedModels, check_prompt_length, parse_completion_request
-
-PER_CALL = engine_mod.PER_CALL_ROUTING
 
 
 @pytest.fixture(scope="module")
@@ -28,15 +25,13 @@ def engine(art):
 
 
 @pytest.fixture(scope="module")
-def engine_top_p_09(art):
-    """Without per-call routing options, the oracle of routing_top_p=0.9 is a model patched with it."""
-    return load_engine(sf.config(art, top_p=0.9, max_loras=2))
+def oracle(art):
+    """Another engine on the same directories: its model runs each prompt alone."""
+    return load_engine(sf.config(art))
 
 
-def _alone(engine, engine_top_p_09, prompt, max_tokens, mixture=None, routing_top_p=None, max_loras=None):
-    if routing_top_p is not None and not PER_CALL:
-        engine, routing_top_p, max_loras = engine_top_p_09, None, None
-    return sf.generate_alone(engine.model, engine.tokenizer, prompt, max_tokens, mixture, routing_top_p,
+def _alone(oracle, prompt, max_tokens, mixture=None, routing_top_p=None, max_loras=None):
+    return sf.generate_alone(oracle.model, oracle.tokenizer, prompt, max_tokens, mixture, routing_top_p,
                              max_loras)
 
 
@@ -48,14 +43,14 @@ def _rows(engine):
             for i, p in enumerate(sf.PROMPTS)]
 
 
-def test_batch_rows_equal_each_prompt_alone(engine, engine_top_p_09):
+def test_batch_rows_equal_each_prompt_alone(engine, oracle):
     rows = _rows(engine)
     calls = engine.calls
     results = engine.run(rows)
-    assert engine.calls - calls == (1 if PER_CALL else 3)  # legacy: manual / routed / routed top_p 0.9
+    assert engine.calls - calls == 1  # manual and routed rows, with their own routing options, in one call
     for prompt, row, result in zip(sf.PROMPTS, rows, results, strict=True):
         assert isinstance(result, RowResult), result
-        expected = _alone(engine, engine_top_p_09, prompt, row.max_tokens, row.mixture, row.routing_top_p,
+        expected = _alone(oracle, prompt, row.max_tokens, row.mixture, row.routing_top_p,
                           row.max_loras)
         got = {"text": result.text, "finish_reason": result.finish_reason, "routing": result.routing}
         assert got == expected, prompt
@@ -70,9 +65,9 @@ def test_batch_rows_equal_each_prompt_alone(engine, engine_top_p_09):
                for row, r in zip(rows, results, strict=True) for span in r.routing)
 
 
-def test_stop_strings_cut_the_text_and_streaming_never_shows_them(engine, engine_top_p_09):
+def test_stop_strings_cut_the_text_and_streaming_never_shows_them(engine, oracle):
     prompt = sf.PROMPTS[3]
-    full = _alone(engine, engine_top_p_09, prompt, 12)["text"]
+    full = _alone(oracle, prompt, 12)["text"]
     words = full.split()
     assert len(words) >= 6, full
     stop = " ".join(words[3:5])  # two tokens: the first must be held back until the second rules it out
@@ -85,18 +80,18 @@ def test_stop_strings_cut_the_text_and_streaming_never_shows_them(engine, engine
     assert (cut.text, cut.finish_reason) == (expected, "stop")
     assert "".join(pieces) == expected and len(pieces) >= 2
     assert not any(stop in piece for piece in pieces)
-    assert other.text == _alone(engine, engine_top_p_09, sf.PROMPTS[0], 12)["text"]
+    assert other.text == _alone(oracle, sf.PROMPTS[0], 12)["text"]
     assert len(other.token_ids) == 12  # the cut row ended early; the call ran on for the other
 
 
-def test_a_bad_row_fails_alone(engine, engine_top_p_09):
+def test_a_bad_row_fails_alone(engine, oracle):
     rows = _rows(engine)[:3]
     rows.insert(1, GenerationRow(engine.encode(sf.PROMPTS[1]), max_tokens=4, mixture={"no_such": 1.0}))
     results = engine.run(rows)
     assert isinstance(results[1], ValueError) and "no_such" in str(results[1])
     for i in (0, 2, 3):
         row = rows[i]
-        expected = _alone(engine, engine_top_p_09, sf.PROMPTS[i - (i > 1)], row.max_tokens, row.mixture)
+        expected = _alone(oracle, sf.PROMPTS[i - (i > 1)], row.max_tokens, row.mixture)
         assert results[i].text == expected["text"]
 
 

@@ -24,12 +24,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .. import patch as _patch
+from ..patch import is_patched, use_mixture
+from ..routing_state import Route
 
 __all__ = ["CompletionEngine", "GenerationRow", "RowResult", "routing_spans"]
-
-# The per-call routing API (use_mixture rows that are None or Route(...), records yielded per call).
-PER_CALL_ROUTING = hasattr(_patch, "Route")
 
 
 @dataclass
@@ -77,14 +75,16 @@ class CompletionEngine:
     """Runs GenerationRows on one patched model; thread-safe (calls take turns on the model)."""
 
     def __init__(self, model, tokenizer, *, max_context: int | None = None):
-        if not _patch.is_patched(model):
+        if not is_patched(model):
             raise ValueError("CompletionEngine: the model must be patched with dlp_lora.patch_model first")
         self.model, self.tokenizer = model, tokenizer
         self.max_context = max_context or int(getattr(model.config, "max_position_embeddings", 2048))
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         eos = tokenizer.eos_token_id
         self.eos_ids = frozenset([] if eos is None else [eos] if isinstance(eos, int) else eos)
-        self._model_lock = threading.Lock()  # one generate() at a time: the device is the bottleneck anyway
+        # One generate() at a time: a seeded call reseeds torch's global RNG, and the device is the
+        # bottleneck anyway (routing itself is per call, so the lock is not needed for it).
+        self._model_lock = threading.Lock()
         # A fast tokenizer is not safe to call from two threads at once ("Already borrowed").
         self._tokenizer_lock = threading.Lock()
         self.calls = 0  # generate() calls so far
@@ -130,16 +130,12 @@ class CompletionEngine:
 
     @staticmethod
     def _call_key(row: GenerationRow, index: int) -> tuple:
-        """Rows with equal keys share one generate() call."""
+        """Rows with equal keys share one generate() call (mixtures and routing options never matter)."""
         if row.temperature == 0:
-            key: tuple = ("greedy",)
-        elif row.seed is not None:
-            key = ("seeded", index)  # alone: its text depends on its seed only
-        else:
-            key = ("sample", row.temperature, row.top_p)
-        if not PER_CALL_ROUTING:  # use_mixture is then per model: one kind of routing per call
-            key += ("manual",) if row.mixture is not None else ("routed", row.routing_top_p, row.max_loras)
-        return key
+            return ("greedy",)
+        if row.seed is not None:
+            return ("seeded", index)  # alone: its text depends on its seed only
+        return ("sample", row.temperature, row.top_p)
 
     def _generate(self, rows: list[GenerationRow]) -> list[RowResult]:
         """One left-padded generate() for rows that share a call key."""
@@ -171,13 +167,18 @@ class CompletionEngine:
         else:
             options.update(do_sample=True, temperature=first.temperature, top_p=first.top_p, top_k=0)
         device = self.device
+        # Each row its own routing: a fixed mixture, or the router on the row's own prompt.
+        entries = [row.mixture if row.mixture is not None else Route(row.routing_top_p, row.max_loras)
+                   for row in rows]
         with self._model_lock:
-            with self._routing(rows) as log, _seeded(first.seed if first.temperature > 0 else None, device):
+            with use_mixture(self.model, entries) as log, _seeded(
+                first.seed if first.temperature > 0 else None, device
+            ):
                 with torch.no_grad():
                     self.model.generate(
                         input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), **options
                     )
-                records = list(log() if callable(log) else log)
+                records = list(log)
             self.calls += 1
         results = []
         for b, (row, tracker) in enumerate(zip(rows, trackers, strict=True)):
@@ -195,31 +196,6 @@ class CompletionEngine:
                 )
             )
         return results
-
-    @contextlib.contextmanager
-    def _routing(self, rows: list[GenerationRow]):
-        """Per-row routing for one call; yields its RoutingRecords (a list, or a callable giving it)."""
-        if PER_CALL_ROUTING:
-            entries = [
-                row.mixture if row.mixture is not None else _patch.Route(row.routing_top_p, row.max_loras)
-                for row in rows
-            ]
-            with _patch.use_mixture(self.model, entries) as records:
-                yield records
-            return
-        # One kind of routing per call (see _call_key); the log is the model's, read under the model lock.
-        if rows[0].mixture is not None:
-            with _patch.use_mixture(self.model, [row.mixture for row in rows]):
-                yield lambda: self.model.dlp_routing_log
-            return
-        routing = getattr(self.model, _patch.HANDLE_ATTR).routing
-        saved = routing.top_p, routing.max_loras
-        routing.top_p = saved[0] if rows[0].routing_top_p is None else rows[0].routing_top_p
-        routing.max_loras = saved[1] if rows[0].max_loras is None else rows[0].max_loras
-        try:
-            yield lambda: self.model.dlp_routing_log
-        finally:
-            routing.top_p, routing.max_loras = saved
 
 
 def routing_spans(records, sequence: int, end: int) -> list[dict]:
