@@ -16,6 +16,7 @@ import urllib.request
 
 import pytest
 import serving_fixtures as sf
+import torch
 
 from dlp_lora.cli import main
 
@@ -46,6 +47,8 @@ def _args(art, *extra) -> list[str]:
         (lambda a: a + ["--batch-wait-ms", "-1"], "--batch-wait-ms must be >= 0"),
         (lambda a: a + ["--port", "70000"], "--port must be in 1..65535"),
         (lambda a: a + ["--top-p", "0"], "--top-p must be in (0, 1]"),
+        pytest.param(lambda a: a + ["--device", "cuda"], "sees no CUDA GPU",
+                     marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA GPU is present")),
     ],
 )
 def test_bad_arguments_fail_in_one_line_before_ray_starts(art, capsys, change, needle):

@@ -3,13 +3,15 @@ compatible settings, where every row matches the same prompt generated alone."""
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import math
+import threading
 
 import pytest
 import serving_fixtures as sf
 
-from dlp_lora.serving.engine import GenerationRow, RowResult
+from dlp_lora.serving.engine import BatchRunner, GenerationRow, RowResult
 from dlp_lora.serving.loading import load_engine
 from dlp_lora.serving.protocol import APIError, ServedModels, check_prompt_length, parse_completion_request
 
@@ -107,6 +109,40 @@ def test_sampling_settings_split_calls_and_a_seed_fixes_a_row(engine):
     again = engine.run([seeded, hot, greedy])
     assert again[0].text == results[3].text  # whatever else is in the batch
     assert again[2].text == results[0].text
+
+
+def test_rows_waiting_for_a_busy_model_merge_into_its_next_call():
+    """What arrives while a call runs goes into the next one, oldest first, up to max_batch_size."""
+
+    class BlockingEngine:  # stands in for CompletionEngine.run: holds its first call until released
+        def __init__(self):
+            self.calls, self.release = [], threading.Event()
+
+        def run(self, rows):
+            self.calls.append(list(rows))
+            if len(self.calls) == 1:
+                assert self.release.wait(timeout=60)
+            return [RowResult(row, [], "length", 1, 1, [], batch_size=len(rows)) for row in rows]
+
+    engine = BlockingEngine()
+
+    async def scenario():
+        runner = BatchRunner(engine, max_batch_size=3)
+        first = asyncio.ensure_future(runner.submit(["a"]))
+        for _ in range(600):  # until the first call holds the model (bounded: 60 s)
+            if engine.calls:
+                break
+            await asyncio.sleep(0.1)
+        later = [asyncio.ensure_future(runner.submit(rows)) for rows in (["b", "c"], ["d"], ["e"])]
+        await asyncio.sleep(0.2)  # the submissions queue up behind the busy model
+        engine.release.set()
+        return runner, await asyncio.gather(first, *later)
+
+    runner, results = asyncio.run(scenario())
+    assert engine.calls == [["a"], ["b", "c", "d"], ["e"]]
+    assert [[r.text for r in rs] for rs in results] == [["a"], ["b", "c"], ["d"], ["e"]]
+    assert [r.batch_size for rs in results for r in rs] == [1, 3, 3, 3, 1]
+    assert runner.call_sizes == {1: 2, 3: 1}
 
 
 # --- protocol: every bad request is an APIError naming its field -------------------------------------

@@ -12,10 +12,10 @@ Two deployments:
   GET /v1/models, GET /health.
 * ``DLPLoRAModel`` (``replicas`` of them): each loads the model, the adapters (LoRABank) and the
   router once and patches the model. Requests that arrive together (``@serve.batch``: up to
-  max_batch_size rows, waiting at most batch_wait_ms for the batch to fill) become one
-  CompletionEngine.run: one left-padded generate() per set of compatible decoding settings, in a
-  worker thread so the replica keeps accepting requests meanwhile. A request's prompts go to one
-  replica together.
+  max_batch_size rows, waiting at most batch_wait_ms for the batch to fill), and all those that
+  arrived while the model was busy (BatchRunner), become one CompletionEngine.run: one left-padded
+  generate() per set of compatible decoding settings, in a worker thread so the replica keeps
+  accepting requests meanwhile. A request's prompts go to one replica together.
 
 If a model replica dies under a request (a crash, a lost node, ``ray.kill``), the front sends the
 request again to another replica, so the client sees the answer, only later; a stream that had
@@ -29,7 +29,6 @@ import asyncio
 import json
 import math
 import time
-from collections import Counter
 from pathlib import Path
 
 import ray
@@ -38,7 +37,7 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 from starlette.responses import JSONResponse, StreamingResponse
 
-from .engine import GenerationRow, RowResult
+from .engine import BatchRunner, GenerationRow, RowResult
 from .loading import ServeConfig, check_artifacts, load_engine, load_front
 from .protocol import (
     STREAM_DONE,
@@ -58,6 +57,8 @@ __all__ = ["APP_NAME", "DLPLoRAModel", "DLPLoRAServer", "build_app"]
 APP_NAME = "dlp-lora"
 # Ray Serve's default (5) let a replica hold only 2-3 requests, so batches never filled.
 MIN_ONGOING_REQUESTS = 64
+# @serve.batch batches that may wait at once for the BatchRunner (their rows merge there).
+BATCHES_IN_FLIGHT = 8
 FRONT_ONGOING_REQUESTS = 1024
 ATTEMPTS = 3  # tries of a request whose model replica died under it
 # A replica that died, or cannot be reached: the request may run again elsewhere.
@@ -72,10 +73,11 @@ class DLPLoRAModel:
 
     def __init__(self, config: ServeConfig):
         self.engine = load_engine(config)
-        self.call_sizes = Counter()  # rows per generate() call on this replica
+        self.runner = BatchRunner(self.engine, max_batch_size=8)
 
     def reconfigure(self, user_config: dict) -> None:
-        self._generate.set_max_batch_size(int(user_config["max_batch_size"]))
+        self.runner.max_batch_size = int(user_config["max_batch_size"])
+        self._generate.set_max_batch_size(self.runner.max_batch_size)
         self._generate.set_batch_wait_timeout_s(float(user_config["batch_wait_ms"]) / 1000.0)
 
     async def complete(self, rows: list[GenerationRow]) -> list:
@@ -105,16 +107,14 @@ class DLPLoRAModel:
         return {
             "replica": ray.get_runtime_context().get_actor_name(),
             "generate_calls": self.engine.calls,
-            "call_sizes": {str(k): v for k, v in sorted(self.call_sizes.items())},
+            "call_sizes": {str(k): v for k, v in sorted(self.runner.call_sizes.items())},
         }
 
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
+    # Collects the rows that arrive together (within batch_wait_ms); batches formed while the model
+    # is busy do not queue one behind another but merge in the runner (see BatchRunner).
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01, max_concurrent_batches=BATCHES_IN_FLIGHT)
     async def _generate(self, rows: list[GenerationRow]) -> list:
-        results = await asyncio.to_thread(self.engine.run, rows)
-        rows_by_size = Counter(r.batch_size for r in results if isinstance(r, RowResult))
-        for size, count in rows_by_size.items():  # every row of a call is in this batch
-            self.call_sizes[size] += count // size
-        return results
+        return await self.runner.submit(rows)
 
 
 @serve.deployment
@@ -294,7 +294,8 @@ def build_app(
     )
     model_replicas = DLPLoRAModel.options(
         num_replicas=replicas,
-        max_ongoing_requests=max_ongoing_requests or max(MIN_ONGOING_REQUESTS, 4 * max_batch_size),
+        max_ongoing_requests=max_ongoing_requests
+        or max(MIN_ONGOING_REQUESTS, BATCHES_IN_FLIGHT * max_batch_size),
         ray_actor_options={"num_gpus": 1} if gpu else {"num_cpus": cpus_per_replica},
         user_config={"max_batch_size": max_batch_size, "batch_wait_ms": batch_wait_ms},
     ).bind(config)

@@ -17,6 +17,8 @@ bad row fails. No web framework or Ray here: the server (app.py) wraps this.
 
 from __future__ import annotations
 
+import asyncio
+import collections
 import contextlib
 import threading
 from collections.abc import Callable, Sequence
@@ -27,7 +29,7 @@ import torch
 from ..patch import is_patched, use_mixture
 from ..routing_state import Route
 
-__all__ = ["CompletionEngine", "GenerationRow", "RowResult", "routing_spans"]
+__all__ = ["BatchRunner", "CompletionEngine", "GenerationRow", "RowResult", "routing_spans"]
 
 
 @dataclass
@@ -145,6 +147,8 @@ class CompletionEngine:
         for row in rows:
             if not row.prompt_ids:
                 raise ValueError("empty prompt: it has no tokens")
+            if row.max_tokens < 1:
+                raise ValueError(f"max_tokens must be >= 1, got {row.max_tokens}")
             if len(row.prompt_ids) + row.max_tokens > self.max_context:
                 raise ValueError(
                     f"prompt ({len(row.prompt_ids)} tokens) + max_tokens ({row.max_tokens}) exceed the "
@@ -196,6 +200,57 @@ class CompletionEngine:
                 )
             )
         return results
+
+
+class BatchRunner:
+    """Feeds one engine from an asyncio loop: whenever the model is free, every pending row goes in.
+
+        runner = BatchRunner(engine, max_batch_size=16)
+        results = await runner.submit(rows)        # RowResult or exception per row, in order
+
+    Rows submitted while a call runs wait for the next call, which takes all of them (oldest first,
+    up to max_batch_size), so a busy model always gets the fullest batch there is. (Ray Serve's
+    @serve.batch alone forms the next batch from what arrives within its wait while a batch runs,
+    and queues it: under load that chopped 16 waiting requests into batches of 2-4.) The engine
+    runs in a worker thread, so the loop keeps taking requests meanwhile.
+    """
+
+    def __init__(self, engine: CompletionEngine, max_batch_size: int):
+        self.engine, self.max_batch_size = engine, max_batch_size
+        self._pending: collections.deque = collections.deque()  # (row, future)
+        self._wakeup: asyncio.Event | None = None
+        self._task: asyncio.Task | None = None
+        self.call_sizes: collections.Counter[int] = collections.Counter()  # generate() calls by rows
+
+    async def submit(self, rows: Sequence[GenerationRow]) -> list:
+        loop = asyncio.get_running_loop()
+        if self._task is None or self._task.done():
+            self._wakeup = asyncio.Event()
+            self._task = loop.create_task(self._run())
+        futures = [loop.create_future() for _ in rows]
+        self._pending.extend(zip(rows, futures, strict=True))
+        self._wakeup.set()
+        return list(await asyncio.gather(*futures))
+
+    async def _run(self) -> None:
+        while True:
+            await self._wakeup.wait()
+            take = [self._pending.popleft() for _ in range(min(self.max_batch_size, len(self._pending)))]
+            if not self._pending:
+                self._wakeup.clear()
+            take = [(row, future) for row, future in take if not future.cancelled()]
+            if not take:
+                continue
+            try:
+                results = await asyncio.to_thread(self.engine.run, [row for row, _ in take])
+            except Exception as error:  # noqa: BLE001 - engine.run reports rows; this is a bug, told to each
+                results = [error] * len(take)
+            rows_by_size = collections.Counter(r.batch_size for r in results if isinstance(r, RowResult))
+            for size, count in rows_by_size.items():  # every row of a call is in this run
+                self.call_sizes[size] += count // size
+            for (_, future), result in zip(take, results, strict=True):
+                if not future.done():
+                    future.set_result(result)
 
 
 def routing_spans(records, sequence: int, end: int) -> list[dict]:
