@@ -12,7 +12,8 @@ as generate() does for a finished row); the call ends with its last row. A seede
 runs alone, so its text depends only on its seed, not on what else was in the batch.
 
 A row that fails inside a call (an error nothing checked before) is retried alone, so only the
-bad row fails. No web framework or Ray here: the server (app.py) wraps this.
+bad row fails. BatchRunner feeds an engine from an asyncio loop, every waiting row into the next
+call. No web framework or Ray here: the server (app.py) wraps this.
 """
 
 from __future__ import annotations
