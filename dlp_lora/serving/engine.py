@@ -212,7 +212,7 @@ class BatchRunner:
     Rows submitted while a call runs wait for the next call, which takes all of them (oldest first,
     up to max_batch_size), so a busy model always gets the fullest batch there is. (Ray Serve's
     @serve.batch alone forms the next batch from what arrives within its wait while a batch runs,
-    and queues it: under load that chopped 16 waiting requests into batches of 2-4.) The engine
+    and queues it: under load that chopped the waiting requests into small batches.) The engine
     runs in a worker thread, so the loop keeps taking requests meanwhile.
     """
 
