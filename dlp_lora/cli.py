@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -42,18 +41,12 @@ def existing_dir(path: str | Path, flag: str, kind: str = "directory") -> Path:
 
 def writable_dir(path: str | Path, flag: str) -> Path:
     """An output directory that may exist (its files are overwritten) but must not be a file."""
-    path = Path(path)
-    if path.exists() and not path.is_dir():
-        raise CLIError(f"{flag}: exists and is not a directory: {path}")
-    parent = path.resolve().parent
-    while not parent.exists():
-        parent = parent.parent
-    if not parent.is_dir():
-        raise CLIError(f"{flag}: cannot create {path}: {parent} is not a directory")
-    # The result is written beside the target and renamed into place, so the parent must be writable.
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise CLIError(f"{flag}: cannot write {path}: {parent} is not writable")
-    return path
+    from ._atomic import unwritable_reason
+
+    reason = unwritable_reason(path, directory=True)
+    if reason:
+        raise CLIError(f"{flag}: {reason}")
+    return Path(path)
 
 
 def parse_device(spec: str | None, flag: str = "--device"):
