@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Rehearse benchmarks/gpu_check.sh's build and tests on this CPU machine, against the versions of
-# the lent GPU machine's image (the device tool's KINDS.md: Python 3.12, torch 2.11.0+cu130,
-# Triton 3.6.0, transformers 5.17.0), so that the GPU's few minutes are not spent on version breaks.
+# the GPU image the project targets (Python 3.12, torch 2.11.0+cu130, Triton 3.6.0,
+# transformers 5.17.0), so that a GPU's few minutes are not spent on version breaks.
 #
 #   make check-device-env      # or: bash benchmarks/device_env_check.sh
 #

@@ -9,7 +9,7 @@
 #              and the patched model's generate() under CUDA graphs (tests/test_compile.py)
 #              and the decode-step breakdown on the GPU (tests/test_bench.py)
 #   3. e2e     dlp-lora bench --device cuda: ~1.1B Llama in bf16, eager, batch 1 and 8, N 26 and 100
-#              -> benchmarks/results/e2e_<gpu>.json (issue 4's GPU goals: <= 1.15x / 1.2x base);
+#              -> benchmarks/results/e2e_<gpu>.json (the GPU goals: <= 1.15x / 1.2x base);
 #              the file is saved after each batch size, so a step stopped by its limit keeps batch 1
 #              (marked "complete": false)
 #   4. e2e-compile  the same model, batch 1, with generate()'s automatic torch.compile
@@ -35,8 +35,8 @@ cd "$(dirname "$0")/.."
 BUDGET_S=${BUDGET_S:-470}
 START=$(date +%s)
 PY=${PYTHON:-python3}
-# The device tool returns at most 8 files from $OUT: the main log (every step's output) and the
-# result files go there; the per-step logs stay on the machine.
+# $OUT gets the main log (every step's output) and the result files, few enough to copy back from
+# a remote machine; the per-step logs stay in benchmarks/results/gpu_check_logs.
 LOG_DIR=benchmarks/results/gpu_check_logs
 mkdir -p "$LOG_DIR" benchmarks/results
 LOG="${OUT:-$LOG_DIR}/gpu_check.log"

@@ -26,7 +26,6 @@ import argparse
 import json
 import math
 import os
-import platform
 import re
 import statistics
 import sys
@@ -42,6 +41,7 @@ import torch  # noqa: E402
 
 from dlp_lora import ops  # noqa: E402
 from dlp_lora.bench.baselines import LoRAStack, apply_gather_bmm, apply_loop  # noqa: E402
+from dlp_lora.bench.provenance import machine_info, versions  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 BMM_MAX_BYTES = 8 << 30  # torch_bmm materialises T*K copies of A and B: skip it beyond this
@@ -230,30 +230,6 @@ def copy_bandwidth_gbps(device: str, rep_ms: int) -> float | None:
 
 # ----------------------------------------------------------------------------- environment
 
-def machine() -> dict:
-    info = {"platform": platform.platform(), "cpu_count": os.cpu_count()}
-    if torch.cuda.is_available():
-        props = torch.cuda.get_device_properties(0)
-        info.update(gpu=torch.cuda.get_device_name(0), sm_count=props.multi_processor_count,
-                    capability=".".join(map(str, torch.cuda.get_device_capability(0))),
-                    gpu_memory_gib=round(props.total_memory / (1 << 30), 1))
-    return info
-
-
-def versions() -> dict:
-    import dlp_lora
-
-    out = {"python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda,
-           "dlp_lora": dlp_lora.__version__, "backends": ops.available_backends()}
-    try:
-        import triton
-
-        out["triton"] = triton.__version__
-    except ImportError:
-        out["triton"] = None
-    return out
-
-
 def gpu_slug() -> str:
     name = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu_dryrun"
     return re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_")
@@ -349,7 +325,7 @@ def main(argv=None) -> int:
     result = {
         "what": "multi-LoRA op microbenchmark (benchmarks/gpu_ops.py)",
         "dry_run": args.dry_run, "device": device, "dtype": args.dtype,
-        "machine": machine(), "versions": versions(),
+        "machine": machine_info("cuda"), "versions": versions(),
         "timing": "triton.testing.do_bench: CUDA events, L2 flushed before each call; median and quartiles"
                   if device == "cuda" else "wall clock, 3 calls (dry run: not a measurement)",
         "copy_bandwidth_GBps": args.copy_gbps,

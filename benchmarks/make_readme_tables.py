@@ -1,18 +1,20 @@
-"""Regenerate the README's benchmark tables from benchmarks/results/*.json: never typed by hand.
+"""Regenerate the benchmark tables of README.md and docs/benchmarks.md from benchmarks/results/*.json.
 
-    python benchmarks/make_readme_tables.py              # rewrite README.md between the markers
+    python benchmarks/make_readme_tables.py              # rewrite every table between its markers
     python benchmarks/make_readme_tables.py --print      # only print the tables
 
-Each table replaces the text between ``<!-- BENCH:<name> -->`` and ``<!-- /BENCH:<name> -->``:
+Each table replaces the text between ``<!-- BENCH:<name> -->`` and ``<!-- /BENCH:<name> -->`` in
+whichever target file holds those markers (by default README.md and docs/benchmarks.md):
 
-  e2e    benchmarks/results/e2e_*.json          dlp-lora bench (dlp_lora/bench.py)
-  breakdown  benchmarks/results/decode_breakdown_*.json   dlp-lora bench --breakdown
-  ops    benchmarks/results/ops_*.json          benchmarks/summarize_ops.py (kernel microbenchmarks)
-  layer  benchmarks/results/layer_*.json        benchmarks/summarize_layer.py's compact bench_layer.py JSON
-  demo   benchmarks/results/demo*.json          the composite-task demo
+  headline   e2e_*.json (the full run) + demo*.json   README.md: the few ratios that matter
+  ops        ops_*.json                 benchmarks/summarize_ops.py (kernel microbenchmarks)
+  layer      layer_*.json               benchmarks/summarize_layer.py's compact bench_layer.py JSON
+  e2e        e2e_*.json                 dlp-lora bench (dlp_lora/bench/harness.py)
+  breakdown  decode_breakdown_*.json    dlp-lora bench --breakdown
+  demo       demo*.json                 the composite-task demo (make demo)
 
-A result file that is missing leaves its section untouched; a marker that README.md lacks is
-reported, and that table is printed instead.
+Numbers in the docs come from here, never typed by hand. A result file that is missing leaves its
+section untouched; a section whose markers no target holds is reported, and printed instead.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
+TARGETS = (ROOT / "README.md", ROOT / "docs" / "benchmarks.md")
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -57,8 +60,9 @@ def _provenance(result: dict, path: Path) -> str:
     where = machine.get("gpu") or machine.get("cpu", "?")
     count = machine.get("cpu_count") or machine.get("logical_cores")
     cores = f", {count} cores" if count else ""
-    if machine.get("torch_threads"):
-        cores += f", {machine['torch_threads']} torch thread(s)"
+    threads = machine.get("torch_threads") or "/".join(map(str, result.get("torch_threads_in_run") or []))
+    if threads:
+        cores += f", {threads} torch thread(s)"
     load, load_text = result.get("load_average"), ""
     if isinstance(load, dict) and load.get("start") and load.get("end"):
         load_text = f", load average {load['start'][0]} -> {load['end'][0]}"
@@ -100,19 +104,68 @@ def render_e2e(path: Path) -> str:
     parts.append(md_table(["batch", "variant", "N", "decode ms/token", "tokens/s", "x base", "x PEFT single"],
                           rows))
     if result.get("goals"):
-        parts += ["", md_table(["goal", "measured", "limit", "met"],
-                               [[g["goal"], g["measured"], g["limit"], "yes" if g["met"] else "**no**"]
-                                for g in result["goals"]])]
+        parts += ["", md_table(["goal", "what it asks", "measured", "limit", "met"],
+                               [[g["goal"], goal_in_words(g, cfg), g["measured"], g["limit"],
+                                 "yes" if g["met"] else "**no**"] for g in result["goals"]])]
     if result.get("scaling"):
         parts += ["", _render_scaling(result)]
+    if result.get("arguments"):
+        parts += ["", f"Rerun: `{rerun_command(result['arguments'])}`"]
     return "\n".join(parts)
+
+
+def goal_in_words(goal: dict, config: dict) -> str:
+    """A goal of dlp_lora/bench/harness.py's evaluate_goals, said in words (its N, batch and limit
+    are read from the goal itself)."""
+    text, limit = goal["goal"], goal["limit"]
+    if text.startswith("MeteoRA"):
+        match = re.search(r"dlp_N(\d+) time \(batch (\d+)\)", text)
+        n, batch = match.groups() if match else ("N", "?")
+        return (f"token-level gating (a MeteoRA-style gate at every module and token, its fastest form) "
+                f"takes at least {limit:g}x DLP-LoRA's decode time per token (the project's goal for "
+                f"routing once per sentence); "
+                f"bank of {_adapters(n)}, batch {batch}; measured = MeteoRA time / DLP-LoRA time")
+    n_match, batch_match = re.search(r"N=(\d+)", text), re.search(r"batch (\d+)", text)
+    if not (text.startswith("DLP-LoRA") and n_match and batch_match):
+        return text
+    n, batch = int(n_match.group(1)), int(batch_match.group(1))
+    k = min(config.get("max_loras") or n, n)
+    who = ("one sequence" if batch == 1
+           else f"{batch} sequences decoded together, each with its own mixture,")
+    return (f"{who} fusing {k} of a bank of {_adapters(n)} decodes at most {(limit - 1) * 100:.0f}% "
+            "slower per token than the base model without adapters")
+
+
+def _adapters(n) -> str:
+    return f"{n} adapter" + ("" if str(n) == "1" else "s")
+
+
+def rerun_command(arguments: dict) -> str:
+    """The `dlp-lora bench` command line that a result file's recorded arguments came from."""
+    words = ["dlp-lora bench"]
+    for key, value in arguments.items():
+        if key in ("cache_dir", "seed") or value is None:
+            continue
+        flag = "--" + key.replace("_", "-")
+        if value is True:
+            words.append(flag)
+        elif value is False:
+            if key == "scaling":
+                words.append("--no-scaling")
+        elif isinstance(value, list):
+            words.append(f"{flag} " + " ".join(map(str, value)))
+        else:
+            words.append(f"{flag} {value}")
+    return " ".join(words)
 
 
 def _preset(result: dict) -> str:
     """'full preset', or what a run changed: files written before bench.py named edited runs say only
     'short' in their config, so the recorded command-line arguments are checked too."""
     cfg, args = result["config"], result.get("arguments", {})
-    if "+" in cfg["preset"] or args.get("full"):
+    if "+" in cfg["preset"]:
+        return f"preset {cfg['preset']}"
+    if args.get("full"):
         return f"{cfg['preset']} preset"
     edited = {"batch sizes": args.get("batch_sizes"), "N": args.get("adapters"),
               "MeteoRA forms": args.get("forms"), "rounds": args.get("reps"),
@@ -142,7 +195,8 @@ def _render_scaling(result: dict) -> str:
     out = ["**Scaling** (batch 1, decode time / base model, median): adapters in the bank N across, "
            "adapters mixed per sequence K down.", "", md_table(["", *[f"N={n}" for n in ns]], table)]
     if result.get("plot"):
-        out += ["", f"![decode time ratio against N]({_rel(result['plot'])})"]
+        # this section lives in docs/benchmarks.md: the link is relative to docs/
+        out += ["", f"![decode time ratio against N](../{_rel(result['plot'])})"]
     return "\n".join(out)
 
 
@@ -181,7 +235,10 @@ def render_breakdown(path: Path) -> str:
             "profiled step's wall time in no operator (Python: generate(), module calls, gating code). "
             "The profiler adds its own cost to every operator call, so compare these columns with "
             "each other, not with the unprofiled decode time.")
-    return "\n".join([head, "", _provenance(result, path), "", md_table(header, rows)])
+    parts = [head, "", _provenance(result, path), "", md_table(header, rows)]
+    if result.get("arguments"):
+        parts += ["", f"Rerun: `{rerun_command(result['arguments'])}`"]
+    return "\n".join(parts)
 
 
 # ----------------------------------------------------------------------------- layer (pytest-benchmark)
@@ -235,8 +292,24 @@ def render_ops(path: Path) -> str:
     header = ["phase", "dtype", "T", "S", "N", "K", "r", "d_in x d_out", "cpp µs", "best baseline µs",
               "speedup", "goal", "met", "MB moved", "cpp GB/s"]
     what = data.get("what", "multi-LoRA op")
-    return "\n".join([f"**Kernel microbenchmarks**: {what}; median [IQR] over pytest-benchmark rounds.", "",
-                      _provenance(data, path), "", md_table(header, rows)])
+    goals = data.get("summary", {}).get("goals", {})
+    goal_text = "; ".join(f"{phase}: the cpp backend {_ops_goal_in_words(rule)}"
+                          for phase, rule in goals.items())
+    head = (f"**Kernel microbenchmarks**: {what}; median [IQR] over pytest-benchmark rounds. "
+            "speedup = best baseline time / cpp time; "
+            + (f"goal, per phase: {goal_text}." if goal_text else "goal: the speedup it must reach."))
+    return "\n".join([head, "", _provenance(data, path), "", md_table(header, rows)])
+
+
+def _ops_goal_in_words(rule: str) -> str:
+    """summarize_ops.py's goal strings ('>= 2x vs the better baseline', 'within 1.3x (...)') in words."""
+    if rule.startswith(">="):
+        return f"at least {rule[2:].strip().split('x')[0]}x faster than the better baseline"
+    if rule.startswith("within"):
+        factor = rule.split()[1]
+        detail = rule[len("within " + factor):].strip(" ()")
+        return f"at most {factor} slower than the better baseline ({detail})"
+    return rule
 
 
 def _us(timing: dict) -> str:
@@ -299,21 +372,110 @@ def render_demo(path: Path) -> str:
     return "\n".join([head, "", _provenance(data, path), "", md_table(header, rows)])
 
 
+# ----------------------------------------------------------------------------- headline (README)
+
+def render_headline(results_dir: Path) -> str | None:
+    """README's one table: DLP-LoRA's decode time against the base model, PEFT and token-level gating
+    (batch 1, from the full end-to-end run) and the demo's accuracy, each beside its goal in words."""
+    e2e_path, demo_path = _headline_files(results_dir)
+    if e2e_path is None and demo_path is None:
+        return None
+    rows, sources = [], []
+    if e2e_path is not None:
+        result = json.loads(e2e_path.read_text())
+        by_variant = {r["variant"]: r for r in result["e2e"] if r["batch"] == 1}
+        goals = result.get("goals", [])
+        k = result["config"].get("max_loras")
+        ns = sorted(r["n_adapters"] for r in by_variant.values() if r["family"] == "dlp"
+                    and r["variant"] == f"dlp_N{r['n_adapters']}" and r["n_adapters"] > 1)
+
+        def goal_for(prefix: str, suffix: str = "") -> dict | None:
+            return next((g for g in goals
+                         if g["goal"].startswith(prefix) and g["goal"].endswith(suffix)), None)
+
+        for n in ns:
+            goal = goal_for(f"DLP-LoRA N={n}, batch 1")
+            rows.append([f"DLP-LoRA decode time / base model; {k} of {_adapters(n)} fused",
+                         f"at most {(goal['limit'] - 1) * 100:.0f}% slower than the model without adapters"
+                         if goal else "no goal set",
+                         _headline_ratio(by_variant[f"dlp_N{n}"], "base"), _met(goal)])
+        for n in ns:
+            rows.append([f"DLP-LoRA decode time / PEFT serving one adapter; {k} of {_adapters(n)} fused",
+                         "no goal set: what mixing costs over plain single-adapter LoRA",
+                         _headline_ratio(by_variant[f"dlp_N{n}"], "peft_single"), "-"])
+        for n in ns:
+            goal = goal_for("MeteoRA", f"dlp_N{n} time (batch 1)")
+            if goal:
+                rows.append([f"token-level gating (MeteoRA-style, best form) / DLP-LoRA decode time; "
+                             f"{_adapters(n)}",
+                             f"at least {goal['limit']:g}x: the project's goal for routing once per sentence "
+                             "instead of at every token and module",
+                             f"{goal['measured']:.2f}x", _met(goal)])
+        sources.append(f"`{_rel(e2e_path)}` ({_machine(result)}, batch 1)")
+    if demo_path is not None:
+        demo = json.loads(demo_path.read_text())
+        average = next(r for r in demo["rows"] if r["task"] == "average")
+        rows.append([f"`make demo`: exact match of DLP-LoRA (router + top-p) over {average['n']} prompts of "
+                     f"{len(demo['tasks'])} tasks",
+                     "as good as the oracle, which gives every prompt its own task's adapter",
+                     f"{average['dlp']:.1f}% (oracle {average['oracle']:.1f}%, base {average['base']:.1f}%, "
+                     f"router accuracy {average['router']:.1f}%)",
+                     "yes" if average["dlp"] >= average["oracle"] else "**no**"])
+        sources.append(f"`{_rel(demo_path)}` ({_machine(demo)})")
+    note = ("_Ratios: median over interleaved rounds of the paired ratio [IQR]. From "
+            + " and ".join(sources) + "; every table: [docs/benchmarks.md](docs/benchmarks.md)._")
+    return "\n".join([md_table(["what", "goal", "measured", "met"], rows), "", note])
+
+
+def _headline_files(results_dir: Path) -> tuple[Path | None, Path | None]:
+    """The full-preset end-to-end run (else the first e2e file) and the first demo file."""
+    e2e = _result_files(results_dir, "e2e_*.json")
+    full = [p for p in e2e if json.loads(p.read_text()).get("config", {}).get("preset") == "full"]
+    demo = _result_files(results_dir, "demo*.json")
+    return (full or e2e or [None])[0], (demo or [None])[0]
+
+
+def _headline_ratio(row: dict, ref: str) -> str:
+    q = row.get(f"ratio_to_{ref}")
+    return f"{q['median']:.2f}x [{q['iqr']:.2f}]" if q else "-"
+
+
+def _met(goal: dict | None) -> str:
+    if goal is None:
+        return "-"
+    return "yes" if goal["met"] else "**no**"
+
+
+def _machine(result: dict) -> str:
+    machine = result.get("machine", {})
+    where = machine.get("gpu") or machine.get("cpu", "?")
+    threads = machine.get("torch_threads")
+    return where + (f", {threads} torch thread(s)" if threads else "")
+
+
+# ----------------------------------------------------------------------------- sections and markers
+
 SECTIONS: dict[str, tuple[str, Callable[[Path], str]]] = {
-    "e2e": ("e2e_*.json", render_e2e),
-    "breakdown": ("decode_breakdown_*.json", render_breakdown),
     "ops": ("ops_*.json", render_ops),
     "layer": ("layer_*.json", render_layer),
+    "e2e": ("e2e_*.json", render_e2e),
+    "breakdown": ("decode_breakdown_*.json", render_breakdown),
     "demo": ("demo*.json", render_demo),
 }
+
+
+def _result_files(results_dir: Path, pattern: str) -> list[Path]:
+    return sorted(p for p in results_dir.glob(pattern) if not p.name.endswith("_raw.json"))
 
 
 def build_tables(results_dir: Path) -> dict[str, str]:
     """Section name -> markdown, for every section that has at least one result file."""
     tables = {}
+    headline = render_headline(results_dir)
+    if headline is not None:
+        tables["headline"] = headline
     for name, (pattern, render) in SECTIONS.items():
-        files = sorted(p for p in results_dir.glob(pattern)
-                       if not p.name.endswith("_raw.json"))
+        files = _result_files(results_dir, pattern)
         if files:
             tables[name] = "\n\n".join(render(p) for p in files)
     return tables
@@ -330,29 +492,35 @@ def replace_section(text: str, name: str, body: str) -> str | None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--readme", type=Path, default=ROOT / "README.md")
+    parser.add_argument("--target", "--readme", dest="targets", type=Path, action="append",
+                        help="a markdown file whose markers to fill (repeatable; default: "
+                             + ", ".join(_rel(t) for t in TARGETS) + ")")
     parser.add_argument("--results", type=Path, default=RESULTS)
     parser.add_argument("--print", dest="print_only", action="store_true",
                         help="print the tables, change nothing")
     args = parser.parse_args(argv)
+    targets = args.targets or list(TARGETS)
 
     tables = build_tables(args.results)
     if not tables:
         print(f"no result files in {args.results}; nothing to do")
         return 0
-    text = None if args.print_only or not args.readme.exists() else args.readme.read_text()
+    texts = {} if args.print_only else {t: t.read_text() for t in targets if t.exists()}
     for name, body in tables.items():
-        updated = None if text is None else replace_section(text, name, body)
-        if updated is None:
-            if text is not None:
-                print(f"{_rel(args.readme)} has no <!-- BENCH:{name} --> ... <!-- /BENCH:{name} --> markers; "
-                      "the table is printed instead:", file=sys.stderr)
+        placed = False
+        for target, text in texts.items():
+            updated = replace_section(text, name, body)
+            if updated is not None:
+                texts[target], placed = updated, True
+                print(f"updated the {name} table in {_rel(target)}")
+        if not placed:
+            if texts:
+                print(f"{', '.join(_rel(t) for t in texts)} has no <!-- BENCH:{name} --> ... "
+                      f"<!-- /BENCH:{name} --> markers; the table is printed instead:", file=sys.stderr)
             print(f"\n<!-- BENCH:{name} -->\n{body}\n<!-- /BENCH:{name} -->\n")
-            continue
-        text = updated
-        print(f"updated the {name} table in {_rel(args.readme)}")
-    if text is not None:
-        args.readme.write_text(text)
+    for target, text in texts.items():
+        if text != target.read_text():
+            target.write_text(text)
     return 0
 
 

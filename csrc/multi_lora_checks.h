@@ -6,6 +6,7 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <ATen/MemoryOverlap.h>
 
 namespace dlp_lora {
 
@@ -59,6 +60,19 @@ inline void check_multi_lora_layout(const at::Tensor& y, const at::Tensor& x, co
   TORCH_CHECK(lora_weights.sizes() == lora_ids.sizes(), "multi_lora: `lora_weights` has shape ",
               lora_weights.sizes(), ", expected lora_ids' ", lora_ids.sizes());
   TORCH_CHECK(T < (int64_t{1} << 31), "multi_lora: `x` has more than 2^31-1 rows (seg_indptr is int32)");
+
+  // y is written while every input is read (several times, by rows and by tiles): any overlap gives a
+  // silently wrong delta, so refuse it as PyTorch's out= ops do. All are contiguous, so the status is
+  // exact (never TooHard); sharing a storage without overlapping bytes is fine.
+  const std::pair<const at::Tensor*, const char*> inputs[] = {
+      {&x, "x"}, {&lora_a, "lora_a"}, {&lora_b, "lora_b"}, {&seg_indptr, "seg_indptr"},
+      {&lora_ids, "lora_ids"}, {&lora_weights, "lora_weights"}};
+  for (const auto& [t, name] : inputs) {
+    const auto status = at::get_overlap_status(y, *t);
+    TORCH_CHECK(status != at::MemOverlapStatus::Full && status != at::MemOverlapStatus::Partial,
+                "multi_lora: `y` overlaps `", name, "` in memory; y is written in place while the inputs are "
+                "read, so it must not share memory with any of them (pass a separate y, or clone ", name, ")");
+  }
 }
 
 // Value checks on host memory: 0 <= seg_indptr[0] <= ... <= seg_indptr[S] == T, every id in [-1, N).

@@ -8,12 +8,14 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import numbers
+import pickle
 import warnings
 from pathlib import Path
 
 import torch
 
-__all__ = ["AdapterLoadError", "AdapterModule", "read_peft_adapter"]
+__all__ = ["AdapterLoadError", "AdapterModule", "check_adapter_module", "read_peft_adapter"]
 
 PEFT_PREFIX = "base_model.model."
 CONFIG_NAME = "adapter_config.json"
@@ -32,6 +34,24 @@ class AdapterLoadError(ValueError):
 AdapterModule = tuple[torch.Tensor, torch.Tensor, float]
 
 
+def check_adapter_module(name: str, module_name: str, a: torch.Tensor, b: torch.Tensor, scaling: float,
+                         source: str | Path | None = None) -> None:
+    """Refuse values that would silently turn the model's outputs into NaN or garbage.
+
+    a: lora_A.weight [r, d_in], b: lora_B.weight [d_out, r] (shapes are the bank's to check);
+    both must be floating and finite, scaling a finite real. ``source``: the file, for the message.
+    """
+    where = f"adapter {name!r}, module {module_name!r}" + (f" ({str(source)!r})" if source else "")
+    if isinstance(scaling, bool) or not isinstance(scaling, numbers.Real) or not math.isfinite(scaling):
+        raise AdapterLoadError(f"{where}: the scaling must be a finite number, got {scaling!r}")
+    for label, t in (("lora_A", a), ("lora_B", b)):
+        if not isinstance(t, torch.Tensor) or not t.is_floating_point():
+            got = t.dtype if isinstance(t, torch.Tensor) else type(t).__name__
+            raise AdapterLoadError(f"{where}: {label} must be a floating tensor, got {got}")
+        if not bool(torch.isfinite(t).all()):
+            raise AdapterLoadError(f"{where}: {label} holds non-finite values (NaN or inf)")
+
+
 def read_peft_adapter(name: str, path: str | Path) -> tuple[dict[str, AdapterModule], dict]:
     """Read one PEFT LoRA adapter directory: ({module_name: (lora_A, lora_B, scaling)}, config dict).
 
@@ -43,11 +63,9 @@ def read_peft_adapter(name: str, path: str | Path) -> tuple[dict[str, AdapterMod
     """
     path = Path(path)
     config_file = path / CONFIG_NAME
-    if not config_file.is_file():
-        raise AdapterLoadError(f"adapter {name!r}: no {CONFIG_NAME} in {str(path)!r}")
-    raw = json.loads(config_file.read_text())
+    raw = _read_config_json(name, path)
     config = _lora_config(name, path, raw)
-    tensors = _read_tensors(name, path)
+    tensors, weights_file = _read_tensors(name, path)
 
     lora_a: dict[str, torch.Tensor] = {}
     lora_b: dict[str, torch.Tensor] = {}
@@ -99,13 +117,24 @@ def read_peft_adapter(name: str, path: str | Path) -> tuple[dict[str, AdapterMod
         rank_pattern, alpha_pattern = config.rank_pattern or {}, config.alpha_pattern or {}
         r = rank_pattern.get(_get_pattern_key(rank_pattern, module_name), config.r)
         alpha = alpha_pattern.get(_get_pattern_key(alpha_pattern, module_name), config.lora_alpha)
-        if a.shape[0] != r or b.shape[1] != r:
+        if isinstance(r, bool) or not isinstance(r, int) or r < 1:
+            raise AdapterLoadError(
+                f"adapter {name!r}, module {module_name!r}: the rank (r / rank_pattern in "
+                f"{str(config_file)!r}) must be an integer >= 1, got {r!r}"
+            )
+        if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real) or not math.isfinite(alpha):
+            raise AdapterLoadError(
+                f"adapter {name!r}, module {module_name!r}: lora_alpha (or alpha_pattern) in "
+                f"{str(config_file)!r} must be a finite number, got {alpha!r}"
+            )
+        if a.dim() != 2 or b.dim() != 2 or a.shape[0] != r or b.shape[1] != r:
             raise AdapterLoadError(
                 f"adapter {name!r}, module {module_name!r}: the config gives rank {r} (r / rank_pattern) but "
                 f"lora_A is {tuple(a.shape)} and lora_B is {tuple(b.shape)}"
             )
-        scaling = alpha / math.sqrt(r) if config.use_rslora else alpha / r
-        modules[module_name] = (a, b, float(scaling))
+        scaling = float(alpha / math.sqrt(r) if config.use_rslora else alpha / r)
+        check_adapter_module(name, module_name, a, b, scaling, source=weights_file)
+        modules[module_name] = (a, b, scaling)
     if skipped:
         warnings.warn(
             f"adapter {name!r}: weights for {skipped[:4]}{' ...' if len(skipped) > 4 else ''} are not "
@@ -121,6 +150,24 @@ def read_peft_adapter(name: str, path: str | Path) -> tuple[dict[str, AdapterMod
     return modules, raw
 
 
+def _read_config_json(name: str, path: Path) -> dict:
+    config_file = path / CONFIG_NAME
+    if not config_file.is_file():
+        raise AdapterLoadError(f"adapter {name!r}: no {CONFIG_NAME} in {str(path)!r}")
+    where = f"adapter {name!r}: {str(config_file)!r}"
+    try:
+        raw = json.loads(config_file.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise AdapterLoadError(f"{where} is not valid UTF-8 ({e.reason} at byte {e.start})") from None
+    except json.JSONDecodeError as e:
+        raise AdapterLoadError(
+            f"{where} is not valid JSON ({e.msg} at line {e.lineno} column {e.colno})"
+        ) from None
+    if not isinstance(raw, dict):
+        raise AdapterLoadError(f"{where} must hold a JSON object, got a {type(raw).__name__}")
+    return raw
+
+
 def _lora_config(name: str, path: Path, raw: dict):
     """Parse adapter_config.json with PEFT's own LoraConfig; refuse what a plain delta cannot express."""
     peft_type = str(raw.get("peft_type", "LORA")).upper()
@@ -130,9 +177,15 @@ def _lora_config(name: str, path: Path, raw: dict):
         )
     from peft import LoraConfig
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # PEFT warns about fields of newer versions it drops
-        config = LoraConfig.from_pretrained(str(path))
+    where = f"adapter {name!r}: {str(path / CONFIG_NAME)!r}"
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # PEFT warns about fields of newer versions it drops
+            config = LoraConfig.from_pretrained(str(path))
+    except (TypeError, ValueError, KeyError, AttributeError) as e:  # PEFT's own field checks
+        raise AdapterLoadError(f"{where} is not a valid LoRA config ({' '.join(str(e).split())})") from None
+    if not config.target_modules:
+        raise AdapterLoadError(f"{where} names no target_modules")
 
     def refuse(what: str, hint: str = ""):
         raise AdapterLoadError(
@@ -172,14 +225,29 @@ def _lora_config(name: str, path: Path, raw: dict):
     return config
 
 
-def _read_tensors(name: str, path: Path) -> dict[str, torch.Tensor]:
+def _read_tensors(name: str, path: Path) -> tuple[dict[str, torch.Tensor], Path]:
+    """The adapter's tensors and the file they came from."""
     if (path / SAFETENSORS_NAME).is_file():
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
 
-        return load_file(str(path / SAFETENSORS_NAME), device="cpu")
+        file = path / SAFETENSORS_NAME
+        try:
+            return load_file(str(file), device="cpu"), file
+        except SafetensorError as e:
+            raise AdapterLoadError(f"adapter {name!r}: {str(file)!r} is not readable as safetensors "
+                                   f"({e}); it may be truncated or not a safetensors file") from None
     if (path / BIN_NAME).is_file():
         # Older PEFT (safe_serialization=False). weights_only refuses anything but tensors.
-        return torch.load(path / BIN_NAME, map_location="cpu", weights_only=True)
+        file = path / BIN_NAME
+        try:
+            tensors = torch.load(file, map_location="cpu", weights_only=True)
+        except (RuntimeError, pickle.UnpicklingError, EOFError, ValueError) as e:
+            raise AdapterLoadError(f"adapter {name!r}: {str(file)!r} is not a readable PyTorch checkpoint "
+                                   f"({' '.join(str(e).split())[:200]})") from None
+        if not isinstance(tensors, dict) or not all(isinstance(t, torch.Tensor) for t in tensors.values()):
+            raise AdapterLoadError(f"adapter {name!r}: {str(file)!r} must hold a dict of tensors")
+        return tensors, file
     raise AdapterLoadError(f"adapter {name!r}: neither {SAFETENSORS_NAME} nor {BIN_NAME} in {str(path)!r}")
 
 

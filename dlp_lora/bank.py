@@ -28,7 +28,8 @@ from pathlib import Path
 
 import torch
 
-from .adapters import AdapterLoadError, AdapterModule, read_peft_adapter
+from .adapters import AdapterLoadError, AdapterModule, check_adapter_module, read_peft_adapter
+from .ops.reference import accumulation_dtype
 
 __all__ = ["LoRABank", "ModuleLoRA", "AdapterLoadError", "read_peft_adapter"]
 
@@ -144,8 +145,8 @@ class LoRABank:
             )
         weights, configs = {}, {}
         for name, path in named:
-            weights[name], configs[name] = read_peft_adapter(name, path)
-        bank = cls.from_adapters(weights, dtype=dtype, device=device, configs=configs)
+            weights[name], configs[name] = read_peft_adapter(name, path)  # values checked there
+        bank = cls._stack(weights, dtype=dtype, device=device, configs=configs)
         bank.sources = dict(named)
         return bank
 
@@ -164,7 +165,15 @@ class LoRABank:
         Mixed ranks are zero-padded to the module's largest rank; an adapter absent from a module
         is zero there. The folded product scaling * lora_B is computed in float32 (float64 for
         float64 inputs) before casting to ``dtype`` (default: the promoted dtype of the inputs).
+        Raises AdapterLoadError (a ValueError) for non-floating or non-finite weights or scalings.
         """
+        for name, per_module in adapters.items():
+            for module_name, (a, b, scaling) in per_module.items():
+                check_adapter_module(name, module_name, a, b, scaling)
+        return cls._stack(adapters, dtype=dtype, device=device, configs=configs)
+
+    @classmethod
+    def _stack(cls, adapters, *, dtype, device, configs) -> LoRABank:
         names = list(adapters)
         module_names: list[str] = []
         for per_module in adapters.values():
@@ -272,7 +281,7 @@ def _stack_module(
             )
     d_in, d_out = next(iter(shapes.values()))
     r_max = max(a.shape[0] for a, _, _ in present.values())
-    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    acc = accumulation_dtype(dtype)
     lora_a = torch.zeros(len(names), r_max, d_in, dtype=dtype, device=device)
     lora_b = torch.zeros(len(names), d_out, r_max, dtype=dtype, device=device)
     scaling = torch.zeros(len(names), dtype=torch.float32)

@@ -21,6 +21,7 @@ import sys
 from pathlib import Path
 
 EXIT_BAD_INPUT = 2
+DEBUG_HELP = "show the full traceback on errors"
 
 
 class CLIError(Exception):
@@ -41,15 +42,44 @@ def existing_dir(path: str | Path, flag: str, kind: str = "directory") -> Path:
 
 def writable_dir(path: str | Path, flag: str) -> Path:
     """An output directory that may exist (its files are overwritten) but must not be a file."""
-    path = Path(path)
-    if path.exists() and not path.is_dir():
-        raise CLIError(f"{flag}: exists and is not a directory: {path}")
-    parent = path.resolve().parent
-    while not parent.exists():
-        parent = parent.parent
-    if not parent.is_dir():
-        raise CLIError(f"{flag}: cannot create {path}: {parent} is not a directory")
-    return path
+    from ._atomic import unwritable_reason
+
+    reason = unwritable_reason(path, directory=True)
+    if reason:
+        raise CLIError(f"{flag}: {reason}")
+    return Path(path)
+
+
+def parse_device(spec: str | None, flag: str = "--device"):
+    """`cpu`, `cuda` or `cuda:N` -> torch.device, checked against this machine (default: cuda if any)."""
+    import torch
+
+    if spec is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(spec)
+    except (RuntimeError, ValueError):
+        raise CLIError(f"{flag}: not a device: {spec!r} (expected cpu, cuda or cuda:N)") from None
+    if device.type not in ("cpu", "cuda"):
+        raise CLIError(f"{flag}: {spec!r} is not supported; use cpu or cuda")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            why = "a CPU-only build" if torch.version.cuda is None else "no GPU found"
+            raise CLIError(f"{flag}: {spec!r} asked for, but CUDA is not available here "
+                           f"(torch {torch.__version__}, {why})")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise CLIError(f"{flag}: {spec!r} asked for, but this machine has {torch.cuda.device_count()} "
+                           f"CUDA device(s)")
+    return device
+
+
+def check_top_p_arg(top_p: float, flag: str = "--top-p") -> None:
+    from .router.top_p import check_top_p
+
+    try:
+        check_top_p(top_p)
+    except ValueError as e:
+        raise CLIError(f"{flag}: {e}") from None
 
 
 def parse_adapters(specs: list[str]) -> dict[str, Path]:
@@ -87,11 +117,16 @@ def parse_mixture(spec: str, names: list[str]) -> dict[str, float]:
 def read_task_jsonl(path: Path) -> tuple[list[str], list[str]]:
     """Every non-blank line must be {"text": str, "task": str}; the first bad one is named by number."""
     texts, tasks = [], []
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
+    with path.open("rb") as f:  # decoded line by line, so a bad byte is reported with its line
+        for lineno, raw in enumerate(f, start=1):
+            where = f"{path} line {lineno}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise CLIError(f"{where}: not valid UTF-8 (byte 0x{raw[e.start]:02x} at column "
+                               f"{e.start + 1})") from None
             if not line.strip():
                 continue
-            where = f"{path} line {lineno}"
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
@@ -152,7 +187,10 @@ def cmd_train_router(args) -> int:
     print(f"training a router on {len(texts)} texts, {len(set(tasks))} tasks ({data})")
     router = Router.fit(texts, tasks, tokenizer, val_fraction=args.val_fraction, epochs=args.epochs,
                           seed=args.seed, verbose=True)
-    router.save(out)
+    try:
+        router.save(out)
+    except OSError as e:  # a full disk, a read-only file system: the old --out is left as it was
+        raise CLIError(f"--out: {_one_line(e)}") from None
     print(f"router saved to {out}/ (labels: {', '.join(router.label_names)})")
     return 0
 
@@ -176,13 +214,12 @@ def cmd_generate(args) -> int:
     prompts = list(args.prompt)
     if any(not p.strip() for p in prompts):
         raise CLIError("--prompt: empty prompt")
-    if not 0.0 < args.top_p <= 1.0:
-        raise CLIError(f"--top-p must be in (0, 1], got {args.top_p}")
+    check_top_p_arg(args.top_p)
     if args.max_new_tokens < 1:
         raise CLIError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    device = parse_device(args.device)
     dtype = getattr(torch, args.dtype)
     hf_logging.disable_progress_bar()  # stderr is for errors; "Loading weights" bars would precede them
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
 
     bank = LoRABank.from_peft(adapters)
     mixture = parse_mixture(args.mixture, bank.names) if args.mixture is not None else None
@@ -190,9 +227,11 @@ def cmd_generate(args) -> int:
     router = Router.load(router_dir) if router_dir else None
     if router is not None:
         check_router_matches(router, bank.names, tokenizer)
+    from safetensors import SafetensorError
+
     try:
         model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype).to(device).eval()
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, SafetensorError) as e:  # SafetensorError: a damaged weights file
         raise CLIError(f"--model: no causal LM could be loaded from {model_dir} ({_one_line(e)})") from None
     patch_model(model, bank, router, top_p=args.top_p, max_loras=args.max_loras, reroute=args.reroute,
                 tokenizer=tokenizer)
@@ -258,8 +297,7 @@ def cmd_export_mixture(args) -> int:
         raise CLIError("--prompt goes with --router: the router routes the prompt, its choice is exported")
     if args.prompt is not None and not args.prompt.strip():
         raise CLIError("--prompt: empty prompt")
-    if not 0.0 < args.top_p <= 1.0:
-        raise CLIError(f"--top-p must be in (0, 1], got {args.top_p}")
+    check_top_p_arg(args.top_p)
     out = writable_dir(args.out, "--out")
 
     bank = LoRABank.from_peft(adapters)
@@ -396,7 +434,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="dlp-lora",
         description="Sentence-level dynamic multi-LoRA fusion (DLP-LoRA) for Hugging Face models.")
-    parser.add_argument("--debug", action="store_true", help="show the full traceback on errors")
+    parser.add_argument("--debug", action="store_true", help=DEBUG_HELP)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("train-router", help="train the mini-MLP router on (text, task) pairs",
@@ -475,6 +513,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="end-to-end decode benchmark (dlp-lora bench --help for its options)",
                        add_help=False)
     p.set_defaults(func=cmd_bench)  # its options are dlp_lora.bench's own, parsed in cmd_bench
+
+    # `--debug` also after the command, for every command (added last, so new commands get it too).
+    # SUPPRESS: a command's parser must not reset a `--debug` given before the command to False.
+    for command in dict.fromkeys(sub.choices.values()):
+        command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=DEBUG_HELP)
     return parser
 
 

@@ -34,15 +34,13 @@ import hashlib
 import json
 import math
 import numbers
-import os
-import secrets
-import shutil
 from collections.abc import Mapping
 from enum import Enum
 from pathlib import Path
 
 import torch
 
+from ._atomic import atomic_directory
 from .adapters import CONFIG_NAME, PEFT_PREFIX, SAFETENSORS_NAME
 from .bank import LoRABank
 
@@ -124,7 +122,7 @@ def export_mixture(
         ],
         "dropped_zero_weight": dropped,
     }
-    _write_atomically(out, tensors, config, record, overwrite)
+    _write_atomically(out, tensors, config, record)
     return out
 
 
@@ -290,43 +288,11 @@ def _plain(value):
 # --- writing ----------------------------------------------------------------------------------------
 
 
-def _write_atomically(
-    out: Path, tensors: Mapping[str, torch.Tensor], config: dict, record: dict, overwrite: bool
-) -> None:
-    """Write into a fresh directory beside ``out``, then rename it into place.
-
-    os.mkdir (unlike tempfile.mkdtemp, which makes 0700 directories) and open() give the
-    directory and files the user's umask; safetensors' own save_file would create a 0600 file.
-    """
+def _write_atomically(out: Path, tensors: Mapping[str, torch.Tensor], config: dict, record: dict) -> None:
+    """The three files, written beside ``out`` and renamed into place (see dlp_lora._atomic)."""
     from safetensors.torch import save
 
-    parent = out.absolute().parent
-    parent.mkdir(parents=True, exist_ok=True)
-    tmp = _fresh_path(parent, out.name, "tmp")
-    os.mkdir(tmp)
-    try:
+    with atomic_directory(out) as tmp:
         (tmp / SAFETENSORS_NAME).write_bytes(save(dict(tensors), metadata={"format": "pt"}))
         (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         (tmp / MIXTURE_NAME).write_text(json.dumps(record, indent=2) + "\n")
-        if out.is_dir() and any(out.iterdir()) and overwrite:
-            old = _fresh_path(parent, out.name, "old")
-            os.rename(out, old)
-            try:
-                os.rename(tmp, out)
-            except BaseException:
-                os.rename(old, out)
-                raise
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)  # onto a missing or empty directory
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def _fresh_path(parent: Path, name: str, kind: str) -> Path:
-    """An unused hidden name beside ``name`` in ``parent``."""
-    while True:
-        path = parent / f".{name}.{kind}-{secrets.token_hex(4)}"
-        if not path.exists():
-            return path

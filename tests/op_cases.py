@@ -274,3 +274,33 @@ def _rows_with_delta(seg_indptr: torch.Tensor, lora_ids: torch.Tensor, T: int) -
 def with_seed(case: OpCase, seed: int) -> OpCase:
     """The same shape with other random data."""
     return replace(case, seed=seed)
+
+
+# --- memory overlap of y with an input (the op must refuse it) --------------------------------
+
+ALIASABLE = ("x", "lora_a", "lora_b", "seg_indptr", "lora_ids", "lora_weights")
+
+
+def alias_y(args: OpTensors, name: str, overlap_bytes: int = 1, y_first: bool = False) -> OpTensors:
+    """``args`` with y and input ``name`` placed in one byte buffer so that they share memory.
+
+    The second of the two (the input, or y when ``y_first``) starts about ``overlap_bytes`` before
+    the end of the first (rounded down to 8-byte alignment, so at least one byte is shared; a large
+    value makes them start together). Both keep their shapes, dtypes and contiguity, and the input
+    keeps its values (written last), so only the overlap is wrong with the call.
+    """
+    tensors = args._asdict()
+    y, target = tensors["y"], tensors[name]
+    assert y.numel() and target.numel(), "empty tensors occupy no memory"
+    first, second = (y, target) if y_first else (target, y)
+    first_bytes = first.numel() * first.element_size()
+    offset = max(0, (first_bytes - overlap_bytes) // 8 * 8)
+    second_bytes = second.numel() * second.element_size()
+    buf = torch.empty(max(first_bytes, offset + second_bytes), dtype=torch.uint8, device=y.device)
+    views = [buf[:first_bytes].view(first.dtype).view(first.shape),
+             buf[offset:offset + second_bytes].view(second.dtype).view(second.shape)]
+    y_view, target_view = views if y_first else views[::-1]
+    y_view.copy_(y)
+    target_view.copy_(target)
+    tensors["y"], tensors[name] = y_view, target_view
+    return OpTensors(**tensors)

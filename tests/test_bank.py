@@ -111,16 +111,19 @@ def test_list_of_dirs_dtype_to_summary(adapters):
     assert "model.layers.1.self_attn.q_proj" in text and "MiB" in text
 
 
-def test_bin_checkpoint(llama, adapters, tmp_path):
-    """Older PEFT checkpoints (adapter_model.bin) load to the same bank."""
+def _bin_copy(source, directory):
+    """The adapter re-saved as an older PEFT checkpoint (adapter_model.bin)."""
     from safetensors.torch import load_file
 
-    directory = tmp_path / "bin"
     directory.mkdir()
-    (directory / "adapter_config.json").write_text((adapters["plain"] / "adapter_config.json").read_text())
-    torch.save(
-        load_file(str(adapters["plain"] / "adapter_model.safetensors")), directory / "adapter_model.bin"
-    )
+    (directory / "adapter_config.json").write_text((source / "adapter_config.json").read_text())
+    torch.save(load_file(str(source / "adapter_model.safetensors")), directory / "adapter_model.bin")
+    return directory
+
+
+def test_bin_checkpoint(llama, adapters, tmp_path):
+    """Older PEFT checkpoints (adapter_model.bin) load to the same bank."""
+    directory = _bin_copy(adapters["plain"], tmp_path / "bin")
     a, b = LoRABank.from_peft({"x": adapters["plain"]}), LoRABank.from_peft({"x": directory})
     for name, entry in a.modules.items():
         assert torch.equal(entry.lora_b, b.modules[name].lora_b)
@@ -211,3 +214,73 @@ def test_from_adapters_checks_shapes():
     entry = bank.modules["m"]
     assert entry.ranks == (2, 4) and entry.rank == 4
     torch.testing.assert_close(entry.lora_b[0, :, :2], 0.5 * b)
+
+
+# ---- damaged files and bad values: AdapterLoadError naming the adapter and the file ----------------
+
+
+def _copy_adapter(source, directory):
+    directory.mkdir(exist_ok=True)
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        (directory / name).write_bytes((source / name).read_bytes())
+    return directory
+
+
+def _rewrite_tensors(directory, edit):
+    from safetensors.torch import load_file, save_file
+
+    path = directory / "adapter_model.safetensors"
+    tensors = load_file(str(path))
+    key = sorted(k for k in tensors if k.endswith("lora_A.weight"))[0]
+    tensors[key] = edit(tensors[key])
+    save_file(tensors, str(path))
+
+
+@pytest.mark.parametrize("damage, file_name, match", [
+    (lambda d: (d / "adapter_model.safetensors").write_bytes(
+        (d / "adapter_model.safetensors").read_bytes()[:300]), "adapter_model.safetensors", "not readable"),
+    (lambda d: (d / "adapter_config.json").write_text("[1, 2, 3]"), "adapter_config.json", "JSON object"),
+    (lambda d: (d / "adapter_config.json").write_text("{\"r\": 4,"), "adapter_config.json", "not valid JSON"),
+    (lambda d: (d / "adapter_config.json").write_bytes(b'{"r": "\xff"}'), "adapter_config.json", "UTF-8"),
+    (lambda d: (d / "adapter_config.json").write_text('{"peft_type": "LORA", "r": "four"}'),
+     "adapter_config.json", "r"),
+    (lambda d: _rewrite_tensors(d, lambda t: (t * 100).to(torch.int32)), "adapter_model.safetensors",
+     "floating"),
+    (lambda d: _rewrite_tensors(d, lambda t: t.index_fill(1, torch.tensor([0]), float("inf"))),
+     "adapter_model.safetensors", "non-finite"),
+])
+def test_damaged_adapter_files(adapters, tmp_path, damage, file_name, match):
+    directory = _copy_adapter(adapters["plain"], tmp_path / "damaged")
+    damage(directory)
+    with pytest.raises(AdapterLoadError, match=match) as info:
+        LoRABank.from_peft({"bad_one": directory})
+    assert "bad_one" in str(info.value) and file_name in str(info.value)
+
+
+def test_truncated_bin_checkpoint(adapters, tmp_path):
+    directory = _bin_copy(adapters["plain"], tmp_path / "bin")
+    (directory / "adapter_model.bin").write_bytes((directory / "adapter_model.bin").read_bytes()[:200])
+    with pytest.raises(AdapterLoadError, match="adapter_model.bin") as info:
+        LoRABank.from_peft({"bad_one": directory})
+    assert "bad_one" in str(info.value)
+
+
+@pytest.mark.parametrize("alpha", [float("nan"), float("inf")])
+def test_non_finite_scaling_is_refused(adapters, tmp_path, alpha):
+    directory = _with_config(adapters["plain"], tmp_path, lora_alpha=alpha)
+    with pytest.raises(AdapterLoadError, match="lora_alpha") as info:
+        LoRABank.from_peft({"bad_one": directory})
+    assert "bad_one" in str(info.value) and "adapter_config.json" in str(info.value)
+    pattern = _with_config(adapters["plain"], tmp_path, alpha_pattern={"q_proj": alpha})
+    with pytest.raises(AdapterLoadError, match="q_proj"):
+        LoRABank.from_peft({"bad_one": pattern})
+
+
+def test_from_adapters_checks_values():
+    a, b = torch.randn(2, 8), torch.randn(6, 2)
+    with pytest.raises(ValueError, match="'x'.*'m'.*floating"):
+        LoRABank.from_adapters({"x": {"m": (a.to(torch.int64), b, 1.0)}})
+    with pytest.raises(ValueError, match="'x'.*'m'.*scaling"):
+        LoRABank.from_adapters({"x": {"m": (a, b, float("nan"))}})
+    with pytest.raises(ValueError, match="'x'.*'m'.*lora_B.*non-finite"):
+        LoRABank.from_adapters({"x": {"m": (a, b.index_fill(0, torch.tensor([1]), float("nan")), 1.0)}})

@@ -18,7 +18,7 @@ import pytest
 import torch
 from peft_fixtures import default_backend, left_pad, make_adapter, peft_oracle, tiny_model, word_tokenizer
 
-import dlp_lora.export as export_module
+import dlp_lora._atomic as atomic_module
 from dlp_lora import LoRABank, export_mixture, patch_model, use_mixture
 from dlp_lora.cli import main
 from dlp_lora.export import MIXTURE_NAME, VLLM_MAX_LORA_RANKS, ExportError, content_hash
@@ -323,7 +323,7 @@ def test_failed_write_leaves_nothing_half_written(llama, tmp_path, monkeypatch):
         real_rename(src, dst)
 
     with monkeypatch.context() as m:
-        m.setattr(export_module.os, "rename", rename_fails_second)
+        m.setattr(atomic_module.os, "rename", rename_fails_second)
         with pytest.raises(OSError, match="rename refused"):
             export_mixture(bank, {"rslora": 1.0}, out, overwrite=True)
     assert len(calls) == 3  # old moved aside, new refused, old moved back

@@ -1,8 +1,8 @@
 """Routing inside forward() / generate(): prompt routing, sentence spans, decode-time rerouting.
 
 Mechanics are checked with a deterministic counting router (which adapter's words dominate the
-history), exactness against a chunked computation with use_mixture; check 5 of the patching
-issue uses a real Router trained with Router.train.
+history), exactness against a chunked computation with use_mixture; one test uses a real
+Router trained with Router.fit.
 """
 
 from __future__ import annotations

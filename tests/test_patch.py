@@ -1,7 +1,7 @@
 """patch_model / use_mixture / unpatch_model against PEFT and the base model (fp32, tiny models).
 
-Exactness checks 1-4 and 6 of the patching issue, plus every bad input (the model must be left
-exactly as it was). Check 5 (a trained router, sentence rerouting) is in test_generation.py.
+Exactness against PEFT and the base model, plus every bad input (the model must be left exactly as
+it was). A trained router and sentence re-routing are tested in test_generation.py.
 """
 
 from __future__ import annotations

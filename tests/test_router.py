@@ -255,3 +255,122 @@ def test_bad_label_names():
         Router(["a", "a"])
     with pytest.raises(ValueError, match="label_names"):
         Router([])
+
+
+# ----------------------------------------------------------------------------- damaged files
+
+
+def _edit_config(directory, **changes):
+    import json
+
+    path = directory / "router_config.json"
+    meta = json.loads(path.read_text())
+    for key, value in changes.items():
+        if key in meta.get("config", {}):
+            meta["config"][key] = value
+        else:
+            meta[key] = value
+    path.write_text(json.dumps(meta))
+
+
+@pytest.mark.parametrize("damage, match", [
+    (lambda d: (d / "router.safetensors").write_bytes((d / "router.safetensors").read_bytes()[:100]),
+     "router.safetensors"),
+    (lambda d: (d / "router_config.json").write_text("[1, 2]"), "router_config.json"),
+    (lambda d: (d / "router_config.json").write_bytes(b'{"format": "\xff"}'), "router_config.json"),
+    (lambda d: _edit_config(d, format_version="1"), "format_version"),
+    (lambda d: _edit_config(d, label_names="math"), "router_config.json.*label_names"),
+    (lambda d: _edit_config(d, hidden=-3), "router_config.json.*hidden"),
+    (lambda d: _edit_config(d, config=[1]), "router_config.json"),
+])
+def test_load_damaged_files_names_the_file(trained, tmp_path, damage, match):
+    from dlp_lora.router.model import RouterLoadError
+
+    trained.save(tmp_path / "r")
+    damage(tmp_path / "r")
+    with pytest.raises(RouterLoadError, match=match):
+        Router.load(tmp_path / "r")
+
+
+def test_load_refuses_non_float_and_non_finite_weights(trained, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from dlp_lora.router.model import RouterLoadError
+
+    trained.save(tmp_path / "r")
+    path = tmp_path / "r" / "router.safetensors"
+    state = load_file(str(path))
+    key = next(k for k in state if k.endswith("weight") and "mlp" in k)
+    save_file({**state, key: state[key].to(torch.int32)}, str(path))
+    with pytest.raises(RouterLoadError, match=f"{key}.*floating"):
+        Router.load(tmp_path / "r")
+    bad = state[key].clone()
+    bad[0, 0] = float("nan")
+    save_file({**state, key: bad}, str(path))
+    with pytest.raises(RouterLoadError, match=f"{key}.*non-finite"):
+        Router.load(tmp_path / "r")
+
+
+def test_load_checks_the_file_before_allocating(trained, tmp_path):
+    """A config asking for 2^31-1 buckets (a 512 GB table) is refused against the file's shapes,
+    without allocating: under a 6 GB address-space limit any attempt fails differently."""
+    import subprocess
+    import sys
+
+    trained.save(tmp_path / "r")
+    _edit_config(tmp_path / "r", num_buckets=2**31 - 1)
+    script = (
+        "import resource, sys\n"
+        "resource.setrlimit(resource.RLIMIT_AS, (6 << 30, 6 << 30))\n"
+        "from dlp_lora.router import Router\n"
+        "from dlp_lora.router.model import RouterLoadError\n"
+        "try:\n"
+        "    Router.load(sys.argv[1])\n"
+        "except RouterLoadError as e:\n"
+        "    print('refused:', e)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", script, str(tmp_path / "r")], capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.startswith("refused:"), proc.stderr[-2000:]
+    assert "does not match" in proc.stdout and "embed.weight" in proc.stdout
+
+
+# ----------------------------------------------------------------------------- atomic save
+
+
+def test_failed_save_leaves_the_old_router(trained, tmp_path, monkeypatch):
+    import errno
+    from pathlib import Path
+
+    trained.save(tmp_path / "r")
+    other = Router(["x", "y"], **SMALL)
+
+    def full_disk(self, *args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(self))
+
+    monkeypatch.setattr(Path, "write_text", full_disk)
+    with pytest.raises(OSError, match="No space left") as info:
+        other.save(tmp_path / "r")
+    assert str(tmp_path / "r") in str(info.value)
+    monkeypatch.undo()
+    assert Router.load(tmp_path / "r").label_names == trained.label_names
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r"]  # no temporary directory left behind
+
+
+def test_save_replaces_a_router_and_files_follow_the_umask(trained, tmp_path):
+    import os
+
+    trained.save(tmp_path / "r")
+    (tmp_path / "r" / "stale.txt").write_text("from an older save")
+    old_umask = os.umask(0o027)
+    try:
+        Router(["x", "y"], **SMALL).save(tmp_path / "r")
+        Router(["x", "y"], **SMALL).save(tmp_path / "fresh")
+    finally:
+        os.umask(old_umask)
+    assert Router.load(tmp_path / "r").label_names == ["x", "y"]
+    assert not (tmp_path / "r" / "stale.txt").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fresh", "r"]
+    for name in ("router.safetensors", "router_config.json"):
+        assert (tmp_path / "fresh" / name).stat().st_mode & 0o777 == 0o640, name
+    assert (tmp_path / "fresh").stat().st_mode & 0o777 == 0o750

@@ -5,14 +5,12 @@ TRITON_INTERPRET=1 must be set before this package is imported to run them on CP
 
 
 def is_available() -> bool:
+    """Whether Triton is installed. A broken kernel file raises here rather than reading as "no Triton"."""
     try:
         import triton  # noqa: F401
-    except Exception:
-        return False
-    try:
-        from .multi_lora import multi_lora_triton  # noqa: F401
     except ImportError:
         return False
+    from .multi_lora import multi_lora_triton  # noqa: F401
     return True
 
 

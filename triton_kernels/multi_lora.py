@@ -44,6 +44,7 @@ import triton
 import triton.language as tl
 
 from .._env import triton_interpret
+from ..ops.validate import overlap_message, overlapping_input
 
 
 @triton.jit
@@ -289,6 +290,10 @@ def _check_layout(y, x, lora_a, lora_b, seg_indptr, lora_ids, lora_weights) -> N
                 raise ValueError(f"multi_lora_triton: `{name}` must be contiguous")
     if x.is_cpu and not triton_interpret():
         raise RuntimeError("multi_lora_triton: CPU tensors need TRITON_INTERPRET=1 set before import")
+    overlap = overlapping_input(y, dict(x=x, lora_a=lora_a, lora_b=lora_b, seg_indptr=seg_indptr,
+                                        lora_ids=lora_ids, lora_weights=lora_weights))
+    if overlap is not None:
+        raise ValueError(f"multi_lora_triton: `y` {overlap_message(overlap)}")
 
 
 def multi_lora_triton(

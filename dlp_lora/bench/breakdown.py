@@ -1,8 +1,8 @@
 """Where a decode step's time goes, variant by variant (``dlp-lora bench --breakdown``).
 
-Issue 4 asks, where a goal is missed, by how much and why. Its MeteoRA goal (token-level gating
-costs at least 2x DLP-LoRA's decode time) is a claim about what a decode step does, so this run
-measures that, at batch 1, for ``base``, ``peft_single``, ``dlp_N`` and ``meteora_<form>_N``:
+Where a goal is missed, this says by how much and why. The MeteoRA goal (token-level gating costs
+at least 2x DLP-LoRA's decode time) is a claim about what a decode step does, so this run measures
+that, at batch 1, for ``base``, ``peft_single``, ``dlp_N`` and ``meteora_<form>_N``:
 
 * ``weights_mb_per_token``: the weight bytes one decode step must read at least once (a model, not
   a measurement): every Linear of the base model (lm_head included), plus the adapters the variant
@@ -99,24 +99,26 @@ def weight_bytes_per_token(variant, base: nn.Module, rank: int, target_modules) 
 def _profile_generate(variant, prompts: torch.Tensor, steps: int, options: dict) -> dict:
     from torch.profiler import ProfilerActivity, profile
 
-    from .harness import time_generate
+    from .timing import time_generate
 
     on_gpu = prompts.device.type == "cuda"
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_gpu else [])
     with profile(activities=activities) as prof:
         timing = time_generate(variant, prompts, steps, options)
     cpu_us, device_us, calls, kernels = defaultdict(float), defaultdict(float), 0, 0
+    category_calls = defaultdict(int)
     for event in prof.key_averages():
         if event.device_type == DeviceType.CPU:
             cpu_us[category(event.key)] += event.self_cpu_time_total
+            category_calls[category(event.key)] += event.count
             calls += event.count
         else:  # a GPU kernel (or copy / memset)
             device_us[kernel_category(event.key)] += event.self_device_time_total
             kernels += event.count
     # wall time of the whole generate() under the profiler (its first step stamped after prefill)
     wall_s = timing["prefill_s"] + timing["decode_mean_s"] * max(steps - 1, 1)
-    return {"cpu_us": cpu_us, "device_us": device_us, "calls": calls, "kernels": kernels,
-            "wall_us": wall_s * 1e6}
+    return {"cpu_us": cpu_us, "device_us": device_us, "calls": calls, "category_calls": category_calls,
+            "kernels": kernels, "wall_us": wall_s * 1e6}
 
 
 def decode_step_profile(variant, prompts: torch.Tensor, options: dict, steps: int) -> dict:
@@ -125,6 +127,8 @@ def decode_step_profile(variant, prompts: torch.Tensor, options: dict, steps: in
     long = _profile_generate(variant, prompts, SHORT_STEPS + steps, options)
     per_step = {
         "calls": (long["calls"] - short["calls"]) / steps,
+        "calls_by_category": {c: (long["category_calls"][c] - short["category_calls"][c]) / steps
+                              for c in CATEGORIES},
         "cpu_ms": {c: (long["cpu_us"][c] - short["cpu_us"][c]) / steps / 1e3 for c in CATEGORIES},
     }
     per_step["cpu_ms"]["ops_total"] = sum(per_step["cpu_ms"].values())

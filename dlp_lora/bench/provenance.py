@@ -26,20 +26,30 @@ def machine_info(device: str = "cpu") -> dict:
     info = {"cpu": cpu, "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
             "platform": platform.platform()}
     if device.startswith("cuda") and torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name()
+        props = torch.cuda.get_device_properties(0)
+        info.update(gpu=torch.cuda.get_device_name(0), sm_count=props.multi_processor_count,
+                    capability=".".join(map(str, torch.cuda.get_device_capability(0))),
+                    gpu_memory_gib=round(props.total_memory / (1 << 30), 1))
     return info
 
 
 def versions() -> dict:
-    """Python, torch, transformers, peft and dlp_lora versions, and the op backends usable here."""
+    """Python, torch, CUDA, Triton, transformers, peft and dlp_lora versions, and the usable op backends."""
     import peft
     import transformers
 
     from .. import __version__, ops
 
-    return {"python": platform.python_version(), "torch": torch.__version__,
-            "transformers": transformers.__version__, "peft": peft.__version__, "dlp_lora": __version__,
-            "op_backend": ops.resolve_backend(torch.device("cpu")), "backends": ops.available_backends()}
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    return {"python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda,
+            "triton": triton_version, "transformers": transformers.__version__, "peft": peft.__version__,
+            "dlp_lora": __version__, "op_backend": ops.resolve_backend(torch.device("cpu")),
+            "backends": ops.available_backends()}
 
 
 def load_average() -> list[float] | None:

@@ -40,12 +40,9 @@ Kernel = Callable[..., None]
 
 @functools.cache
 def _triton_importable() -> bool:
-    try:
-        from .. import triton_kernels  # noqa: F401
+    from .. import triton_kernels
 
-        return triton_kernels.is_available()
-    except Exception:
-        return False
+    return triton_kernels.is_available()
 
 
 def available_backends(device: str | torch.device | None = None) -> list[str]:

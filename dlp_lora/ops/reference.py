@@ -3,7 +3,7 @@
 Every other backend (cpp, triton, cuda) is tested against this file. It favours being
 obviously right over being fast: a Python loop over segments and slots.
 
-Contract (shared by every backend; see ../shared/DESIGN.md and dlp_lora/ops/__init__.py)::
+Contract (shared by every backend; see dlp_lora/ops/__init__.py and docs/architecture.md)::
 
     y[t] += sum_k  lora_weights[s, k] * lora_b[id] @ (lora_a[id] @ x[t])
             for every t in seg_indptr[s] : seg_indptr[s+1],  id = lora_ids[s, k] >= 0

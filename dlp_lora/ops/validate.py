@@ -32,8 +32,14 @@ def check_multi_lora_args(
 ) -> None:
     """Raise MultiLoRAArgumentError unless the arguments satisfy the op contract.
 
-    ``check_values`` also reads seg_indptr and lora_ids (a device sync on GPU): the
-    patched model does that once per routing step instead of once per Linear.
+    ``check_values`` also runs the checks that need real tensors in eager mode, which fake
+    tensors (torch.compile tracing, the compiled op's fake impl) cannot answer:
+    - y must not overlap any input in memory (as PyTorch's out= ops): the kernels read the inputs
+      while they write y, so an overlap gives a silently wrong result;
+    - with grad mode on, y / x / lora_a / lora_b must not require grad: the op is inference-only
+      (it writes y in place and has no backward, so autograd would lose the LoRA term);
+    - seg_indptr and lora_ids values (a device sync on GPU): the patched model does that once
+      per routing step instead of once per Linear.
     """
     named = dict(y=y, x=x, lora_a=lora_a, lora_b=lora_b, seg_indptr=seg_indptr,
                  lora_ids=lora_ids, lora_weights=lora_weights)
@@ -80,7 +86,37 @@ def check_multi_lora_args(
               f"has shape {tuple(lora_weights.shape)}, expected lora_ids' {tuple(lora_ids.shape)}")
 
     if check_values:
+        overlap = overlapping_input(y, {k: v for k, v in named.items() if k != "y"})
+        if overlap is not None:
+            _fail("y", overlap_message(overlap))
+        if torch.is_grad_enabled():
+            for name in ("y", "x", "lora_a", "lora_b"):
+                if named[name].requires_grad:
+                    _fail(name, "requires grad, but multi_lora is inference-only (it adds to y in place "
+                                "and has no backward): call it under torch.no_grad() or "
+                                "torch.inference_mode(), or pass detached tensors")
         check_routing_values(seg_indptr, lora_ids, num_tokens=T, num_loras=N)
+
+
+def overlapping_input(y: torch.Tensor, inputs: dict[str, torch.Tensor]) -> str | None:
+    """The name of the first input whose memory overlaps y's, or None (sharing a storage is fine).
+
+    Every tensor must be contiguous (checked before), so each occupies exactly the bytes
+    [data_ptr, data_ptr + nbytes): two comparisons per input, cheap enough for every launch.
+    """
+    if y.numel() == 0:
+        return None
+    start = y.data_ptr()
+    end = start + y.numel() * y.element_size()
+    for name, t in inputs.items():
+        if t.numel() and t.data_ptr() < end and start < t.data_ptr() + t.numel() * t.element_size():
+            return name
+    return None
+
+
+def overlap_message(name: str) -> str:
+    return (f"overlaps `{name}` in memory; y is written in place while the inputs are read, so it must "
+            f"not share memory with any of them (pass a separate y, or clone {name})")
 
 
 def check_routing_values(seg_indptr: torch.Tensor, lora_ids: torch.Tensor, *, num_tokens: int,

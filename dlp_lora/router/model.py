@@ -21,12 +21,14 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 from torch import nn
 
+from .._atomic import atomic_directory
 from .top_p import check_max_loras, check_top_p, route_top_p
 
-__all__ = ["Router", "hashed_features"]
+__all__ = ["Router", "RouterLoadError", "hashed_features"]
 
 WEIGHTS_NAME = "router.safetensors"
 CONFIG_NAME = "router_config.json"
@@ -73,6 +75,9 @@ def hashed_features(
     bigrams = bigrams.masked_fill(~(valid[:, :-1] & valid[:, 1:]), num_buckets)
     bigrams = torch.cat([torch.full_like(ids[:, :1], num_buckets), bigrams], dim=1)[:, : ids.shape[1]]
     return torch.stack([unigrams, bigrams], dim=1)
+
+
+_ARCH_ARGS = ("num_buckets", "embed_dim", "hidden", "num_layers", "dropout")
 
 
 def _check_arch(num_buckets, embed_dim, hidden, num_layers, dropout) -> dict:
@@ -126,6 +131,10 @@ def _encode(tokenizer, texts: list[str], max_length: int | None = None) -> tuple
     ids = torch.zeros(len(seqs), L, dtype=torch.long)
     ids[mask] = torch.tensor([t for s in seqs for t in s], dtype=torch.long)
     return ids, mask.long()
+
+
+class RouterLoadError(ValueError):
+    """A saved router cannot be loaded (the message names the file)."""
 
 
 class Router(nn.Module):
@@ -286,53 +295,105 @@ class Router(nn.Module):
     # ------------------------------------------------------------------ persistence
 
     def save(self, directory: str | Path) -> Path:
-        """Write router.safetensors, router_config.json and (if present) tokenizer/ to ``directory``."""
+        """Write router.safetensors, router_config.json and (if present) tokenizer/ to ``directory``.
+
+        All or nothing: the files are written beside ``directory`` and renamed into place together
+        (see dlp_lora/_atomic.py), so a failure (a full disk, say) leaves the previous router there.
+        Raises OSError naming ``directory``.
+        """
         directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
         state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
-        save_file(state, str(directory / WEIGHTS_NAME), metadata={"format": FORMAT})
         meta = dict(format=FORMAT, format_version=FORMAT_VERSION, hashing=HASHING, config=self.config,
                     label_names=self.label_names, val_accuracy=self.val_accuracy)
-        (directory / CONFIG_NAME).write_text(json.dumps(meta, indent=2) + "\n")
-        if self.tokenizer is not None:
-            self.tokenizer.save_pretrained(str(directory / TOKENIZER_DIR))
+        try:
+            with atomic_directory(directory) as tmp:
+                save_file(state, str(tmp / WEIGHTS_NAME), metadata={"format": FORMAT})
+                (tmp / CONFIG_NAME).write_text(json.dumps(meta, indent=2) + "\n")
+                if self.tokenizer is not None:
+                    self.tokenizer.save_pretrained(str(tmp / TOKENIZER_DIR))
+        except (OSError, SafetensorError) as e:  # safetensors' I/O errors are not OSErrors
+            reason = getattr(e, "strerror", None) or str(e)
+            raise OSError(f"cannot save the router to {directory}: {reason}") from e
         return directory
 
     @classmethod
     def load(cls, directory: str | Path, device=None) -> Router:
-        """Load a router written by :meth:`save` (in eval mode, on ``device`` or CPU)."""
+        """Load a router written by :meth:`save` (in eval mode, on ``device`` or CPU).
+
+        The config is checked against the shapes in the weights file's header before anything is
+        allocated, so a damaged config cannot ask for a huge embedding table.
+        Raises FileNotFoundError (no router there) or RouterLoadError naming the bad file.
+        """
         directory = Path(directory)
         if not directory.is_dir():
             raise FileNotFoundError(f"router directory not found: {directory}")
         for name in (CONFIG_NAME, WEIGHTS_NAME):
             if not (directory / name).is_file():
                 raise FileNotFoundError(f"{directory} is not a saved router: {name} is missing")
+        meta = _read_config(directory / CONFIG_NAME)
+        config_file, weights_file = directory / CONFIG_NAME, directory / WEIGHTS_NAME
         try:
-            meta = json.loads((directory / CONFIG_NAME).read_text())
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{directory / CONFIG_NAME} is not valid JSON: {e}") from None
-        if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-            raise ValueError(f"{directory / CONFIG_NAME} is not a dlp-lora router config")
-        if meta.get("format_version", 0) > FORMAT_VERSION or meta.get("hashing") != HASHING:
-            raise ValueError(f"{directory} was saved by an incompatible dlp-lora (format_version="
-                             f"{meta.get('format_version')}, hashing={meta.get('hashing')!r}); "
-                             f"this version reads format_version<={FORMAT_VERSION}, hashing={HASHING!r}")
+            with torch.device("meta"):  # shapes only: nothing is allocated until the file agrees
+                skeleton = cls(meta["label_names"], **meta["config"])
+        except ValueError as e:
+            raise RouterLoadError(f"{config_file}: {e}") from None
+        expected = {k: tuple(v.shape) for k, v in skeleton.state_dict().items()}
         try:
-            router = cls(meta["label_names"], **meta["config"])
-        except (KeyError, TypeError) as e:
-            raise ValueError(f"{directory / CONFIG_NAME} is incomplete or malformed: {e}") from None
-        state = load_file(str(directory / WEIGHTS_NAME))
-        expected = {k: tuple(v.shape) for k, v in router.state_dict().items()}
-        found = {k: tuple(v.shape) for k, v in state.items()}
-        if expected != found:
-            diff = sorted(f"{k}: config expects {expected.get(k)}, file has {found.get(k)}"
-                          for k in expected.keys() | found.keys() if expected.get(k) != found.get(k))
-            raise ValueError(f"{directory / WEIGHTS_NAME} does not match {CONFIG_NAME}: "
-                             + "; ".join(diff[:5]))
-        router.load_state_dict(state)
+            with safe_open(str(weights_file), framework="pt") as f:
+                found = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+                if expected != found:
+                    diff = sorted(f"{k}: config expects {expected.get(k)}, file has {found.get(k)}"
+                                  for k in expected.keys() | found.keys() if expected.get(k) != found.get(k))
+                    raise RouterLoadError(f"{weights_file} does not match {CONFIG_NAME}: "
+                                          + "; ".join(diff[:5]))
+                state = {k: f.get_tensor(k) for k in f.keys()}
+        except SafetensorError as e:
+            raise RouterLoadError(f"{weights_file} is not a readable safetensors file ({e})") from None
+        for key, tensor in state.items():
+            if not tensor.is_floating_point():
+                raise RouterLoadError(f"{weights_file}: {key} must be a floating tensor, got {tensor.dtype}")
+            if not bool(torch.isfinite(tensor).all()):
+                raise RouterLoadError(f"{weights_file}: {key} holds non-finite values (NaN or inf)")
+        router = skeleton
+        # the file's tensors replace the meta ones, in the dtype the model is built with
+        dtypes = {k: v.dtype for k, v in skeleton.state_dict().items()}
+        router.load_state_dict({k: v.to(dtypes[k]) for k, v in state.items()}, assign=True)
         router.val_accuracy = meta.get("val_accuracy")
         if (directory / TOKENIZER_DIR).is_dir():
             from transformers import AutoTokenizer
 
-            router.tokenizer = AutoTokenizer.from_pretrained(str(directory / TOKENIZER_DIR))
+            try:
+                router.tokenizer = AutoTokenizer.from_pretrained(str(directory / TOKENIZER_DIR))
+            except (OSError, ValueError, KeyError, TypeError) as e:
+                raise RouterLoadError(f"{directory / TOKENIZER_DIR}: the saved tokenizer cannot be loaded "
+                                      f"({e})") from None
         return router.to(device or "cpu").eval()
+
+
+def _read_config(path: Path) -> dict:
+    """router_config.json as a dict, checked field by field (every refusal names the file)."""
+    try:
+        meta = json.loads(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise RouterLoadError(f"{path} is not valid UTF-8 ({e.reason} at byte {e.start})") from None
+    except json.JSONDecodeError as e:
+        raise RouterLoadError(f"{path} is not valid JSON: {e}") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise RouterLoadError(f"{path} is not a dlp-lora router config")
+    version = meta.get("format_version", 0)
+    if isinstance(version, bool) or not isinstance(version, int):
+        raise RouterLoadError(f"{path}: format_version must be an integer, got {version!r}")
+    if version > FORMAT_VERSION or meta.get("hashing") != HASHING:
+        raise RouterLoadError(f"{path.parent} was saved by an incompatible dlp-lora (format_version="
+                              f"{version}, hashing={meta.get('hashing')!r}); this version reads "
+                              f"format_version<={FORMAT_VERSION}, hashing={HASHING!r}")
+    if not isinstance(meta.get("config"), dict) or "label_names" not in meta:
+        raise RouterLoadError(f"{path} is incomplete or malformed: it needs a 'config' object and "
+                              "'label_names'")
+    unknown = sorted(set(meta["config"]) - set(_ARCH_ARGS))
+    if unknown:
+        raise RouterLoadError(f"{path}: unknown config fields {unknown}")
+    accuracy = meta.get("val_accuracy")
+    if accuracy is not None and (isinstance(accuracy, bool) or not isinstance(accuracy, (int, float))):
+        raise RouterLoadError(f"{path}: val_accuracy must be a number or null, got {accuracy!r}")
+    return meta

@@ -1,0 +1,134 @@
+"""Host overhead of the op's public door and of a patched model's decode step (CPU, one thread).
+
+    python benchmarks/bench_call_overhead.py --out benchmarks/results/call_overhead_cpu.json
+
+Two numbers that the routing and dispatch code, not the kernels, decide:
+* one eager ``dlp_lora.ops.multi_lora`` call at a decode shape (one row, d=1024, r=8, N=26 adapters,
+  K=3 per row), validated (the documented call) and unvalidated (what a patched Linear runs);
+* one decode step of a Llama (``--model cpu``: the end-to-end benchmark's, hidden 1024, 8 layers;
+  ``narrow``: hidden 128, 8 layers, mostly host work) in fp32, patched with 26 synthetic adapters
+  on all seven projections, as a ratio to the same step of the base model, measured in interleaved
+  rounds so that load drift cancels.
+Run it from two checkouts to compare them: the JSON records the commit it ran on.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import statistics
+import subprocess
+import time
+from pathlib import Path
+
+import torch
+
+from dlp_lora import LoRABank, ops, patch_model, use_mixture
+
+PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# (hidden, intermediate, layers, heads): the end-to-end benchmark's CPU Llama, and a narrow one whose
+# decode step is mostly host work, so that routing overhead shows in its ratio.
+SHAPES = {"cpu": (1024, 2816, 8, 16), "narrow": (128, 352, 8, 4)}
+
+
+def op_call_us(validate: bool, calls: int = 2000, rounds: int = 7) -> dict:
+    g = torch.Generator().manual_seed(0)
+    n, r, d = 26, 8, 1024
+    x = torch.randn(1, d, generator=g)
+    a, b = torch.randn(n, r, d, generator=g), torch.randn(n, d, r, generator=g)
+    seg, ids = torch.tensor([0, 1], dtype=torch.int32), torch.tensor([[3, 7, 11]], dtype=torch.int32)
+    w, y = torch.tensor([[0.5, 0.3, 0.2]]), torch.zeros(1, d)
+    backend = None if validate else ops.resolve_backend(x.device)
+    per_round = []
+    for _ in range(rounds):
+        start = time.perf_counter()
+        for _ in range(calls):
+            ops.multi_lora(y, x, a, b, seg, ids, w, backend=backend, validate=validate)
+        per_round.append((time.perf_counter() - start) / calls * 1e6)
+    return {"median_us": statistics.median(per_round), "min_us": min(per_round), "max_us": max(per_round)}
+
+
+def build_models(shape: str, num_adapters: int = 26, rank: int = 8):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    hidden, inter, layers, heads = SHAPES[shape]
+    config = LlamaConfig(hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
+                         num_attention_heads=heads, num_key_value_heads=heads, vocab_size=32000,
+                         tie_word_embeddings=False)
+    base = LlamaForCausalLM(config).eval()
+    g = torch.Generator().manual_seed(1)
+    adapters = {}
+    for i in range(num_adapters):
+        modules = {}
+        for name, module in base.named_modules():
+            if name.rsplit(".", 1)[-1] in PROJECTIONS:
+                modules[name] = (torch.randn(rank, module.in_features, generator=g) * 0.02,
+                                 torch.randn(module.out_features, rank, generator=g) * 0.02, 2.0)
+        adapters[f"task{i}"] = modules
+    patched = patch_model(copy.deepcopy(base), LoRABank.from_adapters(adapters))
+    return base, patched
+
+
+def decode_step_ms(model, mixture, prompt: torch.Tensor, steps: int) -> float:
+    """Mean decode step: (generate steps+1 tokens - generate 1 token) / steps."""
+    def run(new_tokens):
+        start = time.perf_counter()
+        model.generate(prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                       pad_token_id=0)
+        return time.perf_counter() - start
+
+    with torch.no_grad(), (use_mixture(model, mixture) if mixture is not None else _nothing()):
+        return (run(steps + 1) - run(1)) / steps * 1e3
+
+
+class _nothing:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--steps", type=int, default=16)
+    parser.add_argument("--model", choices=sorted(SHAPES), default="cpu")
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    result = {"commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                                       text=True).stdout.strip(),
+              "torch": torch.__version__, "threads": 1, "load_start": list(__import__("os").getloadavg())}
+    result["op_call_validated"] = op_call_us(True)
+    result["op_call_unvalidated"] = op_call_us(False)
+    base, patched = build_models(args.model)
+    prompt = torch.randint(3, 32000, (1, 32), generator=torch.Generator().manual_seed(2))
+    mixture = {"task3": 0.5, "task7": 0.3, "task11": 0.2}
+    for model, mix in ((base, None), (patched, mixture)):  # warm-up
+        decode_step_ms(model, mix, prompt, 2)
+    ratios, base_ms, patched_ms = [], [], []
+    for i in range(args.rounds):
+        order = [(base, None), (patched, mixture)][:: 1 if i % 2 == 0 else -1]
+        times = {id(m): decode_step_ms(m, mix, prompt, args.steps) for m, mix in order}
+        base_ms.append(times[id(base)])
+        patched_ms.append(times[id(patched)])
+        ratios.append(times[id(patched)] / times[id(base)])
+    result["decode_step"] = {
+        "base_ms_median": statistics.median(base_ms), "patched_ms_median": statistics.median(patched_ms),
+        "ratio_median": statistics.median(ratios), "ratio_min": min(ratios), "ratio_max": max(ratios),
+        "model": args.model, "shape": SHAPES[args.model], "rounds": args.rounds, "steps": args.steps,
+        "adapters": 26, "rank": 8, "mixture_k": 3,
+    }
+    result["load_end"] = list(__import__("os").getloadavg())
+    text = json.dumps(result, indent=2)
+    print(text)
+    if args.out:
+        args.out.write_text(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
