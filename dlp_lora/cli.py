@@ -379,14 +379,9 @@ def cmd_serve(args) -> int:
         raise CLIError(f"--batch-wait-ms must be >= 0, got {args.batch_wait_ms}")
     if not 1 <= args.port <= 65535:
         raise CLIError(f"--port must be in 1..65535, got {args.port}")
-    if not 0.0 < args.top_p <= 1.0:
-        raise CLIError(f"--top-p must be in (0, 1], got {args.top_p}")
-    if args.device == "cuda" and args.address is None:
-        import torch
-
-        if not torch.cuda.is_available():
-            raise CLIError("--device cuda: this machine's torch sees no CUDA GPU (join a GPU cluster with "
-                           "--address, or use --device cpu)")
+    check_top_p_arg(args.top_p)
+    if args.address is None:  # a cluster's GPUs are on its nodes, not necessarily here
+        parse_device(args.device)
     try:
         import ray
         from ray import serve

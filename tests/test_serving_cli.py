@@ -46,8 +46,8 @@ def _args(art, *extra) -> list[str]:
         (lambda a: a + ["--replicas", "0"], "--replicas must be >= 1"),
         (lambda a: a + ["--batch-wait-ms", "-1"], "--batch-wait-ms must be >= 0"),
         (lambda a: a + ["--port", "70000"], "--port must be in 1..65535"),
-        (lambda a: a + ["--top-p", "0"], "--top-p must be in (0, 1]"),
-        pytest.param(lambda a: a + ["--device", "cuda"], "sees no CUDA GPU",
+        (lambda a: a + ["--top-p", "0"], "--top-p: top_p must be in (0, 1]"),
+        pytest.param(lambda a: a + ["--device", "cuda"], "CUDA is not available here",
                      marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA GPU is present")),
     ],
 )
