@@ -25,7 +25,7 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q "$(TORCH_SPEC)" setuptools wheel pybind11 ninja
-	$(PIP) install -q --no-build-isolation -e ".[dev,bench]"
+	$(PIP) install -q --no-build-isolation -e ".[dev,bench,serve]"
 	touch $(STAMP) $(EXT_STAMP)
 
 venv: $(STAMP)

@@ -5,9 +5,10 @@
 Two numbers that the routing and dispatch code, not the kernels, decide:
 * one eager ``dlp_lora.ops.multi_lora`` call at a decode shape (one row, d=1024, r=8, N=26 adapters,
   K=3 per row), validated (the documented call) and unvalidated (what a patched Linear runs);
-* one decode step of the CPU benchmark's Llama (hidden 1024, 8 layers, fp32) patched with 26
-  synthetic adapters on all seven projections, as a ratio to the same step of the base model,
-  measured in interleaved rounds so that load drift cancels.
+* one decode step of a Llama (``--model cpu``: the end-to-end benchmark's, hidden 1024, 8 layers;
+  ``narrow``: hidden 128, 8 layers, mostly host work) in fp32, patched with 26 synthetic adapters
+  on all seven projections, as a ratio to the same step of the base model, measured in interleaved
+  rounds so that load drift cancels.
 Run it from two checkouts to compare them: the JSON records the commit it ran on.
 """
 
@@ -24,8 +25,11 @@ from pathlib import Path
 import torch
 
 from dlp_lora import LoRABank, ops, patch_model, use_mixture
-from dlp_lora.bench.workload import CPU_MODEL
-from dlp_lora.bench.workload import TARGET_MODULES as PROJECTIONS
+
+PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# (hidden, intermediate, layers, heads): the end-to-end benchmark's CPU Llama, and a narrow one whose
+# decode step is mostly host work, so that routing overhead shows in its ratio.
+SHAPES = {"cpu": (1024, 2816, 8, 16), "narrow": (128, 352, 8, 4)}
 
 
 def op_call_us(validate: bool, calls: int = 2000, rounds: int = 7) -> dict:
@@ -45,11 +49,15 @@ def op_call_us(validate: bool, calls: int = 2000, rounds: int = 7) -> dict:
     return {"median_us": statistics.median(per_round), "min_us": min(per_round), "max_us": max(per_round)}
 
 
-def build_models(num_adapters: int = 26, rank: int = 8):
-    from transformers import LlamaForCausalLM
+def build_models(shape: str, num_adapters: int = 26, rank: int = 8):
+    from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    base = LlamaForCausalLM(CPU_MODEL.config()).eval()
+    hidden, inter, layers, heads = SHAPES[shape]
+    config = LlamaConfig(hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
+                         num_attention_heads=heads, num_key_value_heads=heads, vocab_size=32000,
+                         tie_word_embeddings=False)
+    base = LlamaForCausalLM(config).eval()
     g = torch.Generator().manual_seed(1)
     adapters = {}
     for i in range(num_adapters):
@@ -87,6 +95,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--steps", type=int, default=16)
+    parser.add_argument("--model", choices=sorted(SHAPES), default="cpu")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -95,7 +104,7 @@ def main() -> int:
               "torch": torch.__version__, "threads": 1, "load_start": list(__import__("os").getloadavg())}
     result["op_call_validated"] = op_call_us(True)
     result["op_call_unvalidated"] = op_call_us(False)
-    base, patched = build_models()
+    base, patched = build_models(args.model)
     prompt = torch.randint(3, 32000, (1, 32), generator=torch.Generator().manual_seed(2))
     mixture = {"task3": 0.5, "task7": 0.3, "task11": 0.2}
     for model, mix in ((base, None), (patched, mixture)):  # warm-up
@@ -110,7 +119,8 @@ def main() -> int:
     result["decode_step"] = {
         "base_ms_median": statistics.median(base_ms), "patched_ms_median": statistics.median(patched_ms),
         "ratio_median": statistics.median(ratios), "ratio_min": min(ratios), "ratio_max": max(ratios),
-        "rounds": args.rounds, "steps": args.steps, "adapters": 26, "rank": 8, "mixture_k": 3,
+        "model": args.model, "shape": SHAPES[args.model], "rounds": args.rounds, "steps": args.steps,
+        "adapters": 26, "rank": 8, "mixture_k": 3,
     }
     result["load_end"] = list(__import__("os").getloadavg())
     text = json.dumps(result, indent=2)

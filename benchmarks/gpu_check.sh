@@ -20,7 +20,10 @@
 #   5. bench   benchmarks/gpu_ops.py -> benchmarks/results/gpu_ops_<gpu>.json + a table
 #   6. breakdown  dlp-lora bench --breakdown: one batch-1 decode step per variant, operator calls and
 #              CPU / GPU-kernel time by category -> benchmarks/results/decode_breakdown_<gpu>.json
-#              (last: it runs only in what is left of the budget)
+#              (it runs only in what is left of the budget)
+#   7. serve   benchmarks/bench_serve.py --device cuda: `dlp-lora serve`'s app with 1 replica on 1 GPU,
+#              max batch 1 vs 16 at 1 and 16 clients -> benchmarks/results/serve_<gpu>.json
+#              (skipped when ray[serve] is not installed; last, in what is left of the budget)
 # Ordered by what matters most; the steps share BUDGET_S (default 470 s; < 8 minutes with the
 # probes between them): each step's limit is cut to the time left, and a step with under 15 s
 # left is skipped. Logs and result files are copied to $OUT when it is set.
@@ -136,10 +139,19 @@ step bench 120 $PY benchmarks/gpu_ops.py
 step breakdown 150 "${BENCH[@]}" --breakdown --adapters 26 100 --forms bmm op \
     --out "benchmarks/results/decode_breakdown_${GPU_SLUG}.json"
 
+# 7. The OpenAI-compatible server on the GPU (Ray Serve, HTTP on 127.0.0.1): serial vs batched.
+if $PY -c "import ray.serve, fastapi" 2>/dev/null; then
+    step serve 200 $PY benchmarks/bench_serve.py --device cuda --batch-sizes 1 16 --clients 1 16 \
+        --out "benchmarks/results/serve_${GPU_SLUG}.json"
+else
+    say "=== [serve] SKIPPED: ray[serve] is not installed (pip install 'dlp-lora[serve]')"
+fi
+
 # Results travel back through $OUT.
 if [[ -n "${OUT:-}" ]]; then
     cp -v benchmarks/results/gpu_ops_"${GPU_SLUG}".json benchmarks/results/e2e_"${GPU_SLUG}"*.json \
         benchmarks/results/e2e_"${GPU_SLUG}"*.png benchmarks/results/decode_breakdown_"${GPU_SLUG}".json \
+        benchmarks/results/serve_"${GPU_SLUG}".json \
         "$OUT"/ 2>/dev/null | tee -a "$LOG"
 fi
 

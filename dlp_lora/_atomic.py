@@ -31,7 +31,7 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
-__all__ = ["atomic_directory", "atomic_write_text"]
+__all__ = ["atomic_directory", "atomic_write_text", "unwritable_reason"]
 
 
 @contextlib.contextmanager
@@ -85,6 +85,27 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
         if tmp.exists():
             tmp.unlink()
     return path
+
+
+def unwritable_reason(target: str | Path, *, directory: bool) -> str | None:
+    """Why ``target`` (a directory or a file) could not be written as above, or None if it can.
+
+    For a check before any work: the result is written beside the target and renamed into place,
+    so the nearest existing parent must be a writable directory.
+    """
+    target = Path(target)
+    if directory and target.exists() and not target.is_dir():
+        return f"exists and is not a directory: {target}"
+    if not directory and target.is_dir():
+        return f"{target} is a directory; give a file name"
+    parent = target.absolute().parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        return f"cannot create {target}: {parent} is not a directory"
+    if not os.access(parent, os.W_OK | os.X_OK):
+        return f"cannot write {target}: {parent} is not writable"
+    return None
 
 
 def _fresh_name(parent: Path, name: str, kind: str) -> Path:

@@ -5,6 +5,7 @@
                       --router router/ --prompt "..." [--show-routing]
     dlp-lora inspect --adapters math=adapters/math code=adapters/code
     dlp-lora bench [--full] [--out result.json]
+    dlp-lora serve --model MODEL_DIR --adapters math=... code=... --router router/ [--replicas 2]
 
 Bad input (a missing directory, a malformed JSONL line, an adapter made for another model, a router
 trained for other adapters) ends with one line on stderr and exit status 2, before anything is
@@ -16,7 +17,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -42,18 +42,12 @@ def existing_dir(path: str | Path, flag: str, kind: str = "directory") -> Path:
 
 def writable_dir(path: str | Path, flag: str) -> Path:
     """An output directory that may exist (its files are overwritten) but must not be a file."""
-    path = Path(path)
-    if path.exists() and not path.is_dir():
-        raise CLIError(f"{flag}: exists and is not a directory: {path}")
-    parent = path.resolve().parent
-    while not parent.exists():
-        parent = parent.parent
-    if not parent.is_dir():
-        raise CLIError(f"{flag}: cannot create {path}: {parent} is not a directory")
-    # The result is written beside the target and renamed into place, so the parent must be writable.
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise CLIError(f"{flag}: cannot write {path}: {parent} is not writable")
-    return path
+    from ._atomic import unwritable_reason
+
+    reason = unwritable_reason(path, directory=True)
+    if reason:
+        raise CLIError(f"{flag}: {reason}")
+    return Path(path)
 
 
 def parse_device(spec: str | None, flag: str = "--device"):
@@ -371,6 +365,63 @@ def cmd_bench(args) -> int:
     return result if isinstance(result, int) else 0
 
 
+def cmd_serve(args) -> int:
+    """An OpenAI-compatible server on Ray Serve until Ctrl-C; every argument is checked before Ray starts."""
+    model_dir = existing_dir(args.model, "--model")
+    if not (model_dir / "config.json").is_file():
+        raise CLIError(f"--model: {model_dir} has no config.json (not a Hugging Face model directory)")
+    adapters = parse_adapters(args.adapters)
+    router_dir = existing_dir(args.router, "--router") if args.router else None
+    for flag, value in (("--replicas", args.replicas), ("--max-batch-size", args.max_batch_size)):
+        if value < 1:
+            raise CLIError(f"{flag} must be >= 1, got {value}")
+    if args.batch_wait_ms < 0:
+        raise CLIError(f"--batch-wait-ms must be >= 0, got {args.batch_wait_ms}")
+    if not 1 <= args.port <= 65535:
+        raise CLIError(f"--port must be in 1..65535, got {args.port}")
+    check_top_p_arg(args.top_p)
+    if args.address is None:  # a cluster's GPUs are on its nodes, not necessarily here
+        parse_device(args.device)
+    try:
+        import ray
+        from ray import serve
+
+        from .serving.app import APP_NAME, build_app
+    except ImportError as e:
+        raise CLIError(f"dlp-lora serve needs Ray Serve: pip install 'dlp-lora[serve]' "
+                       f"({_one_line(e)})") from None
+    app = build_app(model=model_dir, adapters=adapters, router=router_dir, replicas=args.replicas,
+                    device=args.device, max_batch_size=args.max_batch_size, batch_wait_ms=args.batch_wait_ms,
+                    reroute=args.reroute, top_p=args.top_p, max_loras=args.max_loras)  # ValueError: one line
+
+    import signal
+    import time
+
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # `kill` stops as cleanly as Ctrl-C
+    ray.init(address=args.address)
+    try:
+        serve.start(http_options={"host": args.host, "port": args.port})
+        try:
+            serve.run(app, name=APP_NAME, route_prefix="/")
+        except Exception as e:  # a replica that cannot load (e.g. adapters for another model)
+            lines = [line for line in str(e).splitlines() if line.strip()]
+            raise CLIError(f"the server did not start: {lines[-1] if lines else type(e).__name__}") from None
+        print(f"dlp-lora serve: ready at http://{args.host}:{args.port}/v1 ({args.replicas} replica(s), "
+              f"max batch {args.max_batch_size}); Ctrl-C stops", flush=True)
+        while True:
+            time.sleep(1)
+    except KeyboardInterrupt:
+        print("dlp-lora serve: stopping", flush=True)
+    finally:
+        if args.address:  # a cluster of others: remove only this app
+            with contextlib.suppress(Exception):
+                serve.delete(APP_NAME)
+        else:
+            serve.shutdown()
+        ray.shutdown()
+    return 0
+
+
 # ---- parser and entry point -----------------------------------------------------------------------
 
 
@@ -412,6 +463,28 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("inspect", help="show adapters, target modules, ranks, scaling and bank memory")
     p.add_argument("--adapters", required=True, nargs="+", metavar="NAME=DIR")
     p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("serve", help="an OpenAI-compatible server (Ray Serve) batching concurrent requests",
+                       description="POST /v1/completions, GET /v1/models, GET /health; concurrent requests "
+                                   "share one generate(), each with its own routed or given mixture.")
+    p.add_argument("--model", required=True, metavar="MODEL_DIR", help="base model dir (with tokenizer)")
+    p.add_argument("--adapters", required=True, nargs="+", metavar="NAME=DIR", help="PEFT LoRA adapter dirs")
+    p.add_argument("--router", metavar="DIR", help="a router saved by train-router (else requests give a "
+                                                    "mixture or name an adapter as their model)")
+    p.add_argument("--replicas", type=int, default=1, help="model replicas (default 1)")
+    p.add_argument("--max-batch-size", type=int, default=8, help="most requests per generate() (default 8)")
+    p.add_argument("--batch-wait-ms", type=float, default=10.0,
+                   help="how long a batch waits to fill (default 10)")
+    p.add_argument("--host", default="127.0.0.1", help="HTTP address (default 127.0.0.1; 0.0.0.0 for all)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--reroute", choices=("sentence", "prompt"), default="sentence",
+                   help="route again at every new sentence (default) or once per prompt")
+    p.add_argument("--top-p", type=float, default=0.6, help="router top-p threshold (default 0.6)")
+    p.add_argument("--max-loras", type=int, default=None, help="cap on adapters per mixture")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="cuda: one GPU per replica")
+    p.add_argument("--address", default=None,
+                   help="join a running Ray cluster ('auto', or HOST:PORT) instead of starting one")
+    p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("export-mixture", help="write one mixture as a single PEFT LoRA (for vLLM, SGLang)",
                        description="Export a fixed or routed mixture as one exact PEFT LoRA adapter of rank "

@@ -21,7 +21,6 @@ Inference only: the delta is added without autograd (gradients do not flow throu
 from __future__ import annotations
 
 import contextlib
-import functools
 import inspect
 import math
 from collections.abc import Iterator, Mapping, Sequence
@@ -86,16 +85,17 @@ def _add_lora_delta(module: nn.Module, state: RoutingState, x: torch.Tensor, y: 
             f"dlp-lora: a patched module got {rows} rows, but the routed forward has "
             f"{state.num_tokens} tokens in {state.num_sequences} sequences"
         )
-    run = functools.partial(ops.multi_lora, backend=state.backend, validate=False)
     if (state.fast or torch.compiler.is_compiling()) and not y.requires_grad and (
         x2.dtype == y.dtype == lora_a.dtype
     ):
         # In place (functionalised by the compiler when traced).
-        run(y.view(rows, -1), x2.contiguous(), lora_a, lora_b, seg_indptr, lora_ids, lora_weights)
+        ops.multi_lora(y.view(rows, -1), x2.contiguous(), lora_a, lora_b, seg_indptr, lora_ids, lora_weights,
+                       backend=state.backend, validate=False)
         return y
     # Autograd on, or autocast: compute the delta aside (no autograd through it), add it out of place.
     delta = torch.zeros(rows, lora_b.shape[1], dtype=lora_a.dtype, device=y.device)
-    run(delta, x2.detach().to(lora_a.dtype).contiguous(), lora_a, lora_b, seg_indptr, lora_ids, lora_weights)
+    ops.multi_lora(delta, x2.detach().to(lora_a.dtype).contiguous(), lora_a, lora_b, seg_indptr, lora_ids,
+                   lora_weights, backend=state.backend, validate=False)
     return y + delta.view(y.shape).to(y.dtype)
 
 

@@ -123,7 +123,7 @@ def test_read_only_out(art, capsys, tmp_path, monkeypatch):
     """Root ignores permissions, so the file system's refusal is simulated: first at the up-front
     check (nothing trained), then at the save itself (after training: still one line, nothing left)."""
     out = tmp_path / "ro" / "router"
-    monkeypatch.setattr(cli.os, "access", lambda path, mode: False)
+    monkeypatch.setattr("dlp_lora._atomic.os.access", lambda path, mode: False)
     _assert_one_line_error(capsys, main(_train(art, out)), "--out", "not writable", str(tmp_path))
     monkeypatch.undo()
 

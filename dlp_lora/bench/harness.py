@@ -65,6 +65,7 @@ from pathlib import Path
 
 import torch
 
+from .._atomic import unwritable_reason
 from .provenance import load_average, machine_info, timestamp, versions
 from .report import evaluate_goals, plot_scaling, print_summary, save_result, summarize
 from .timing import generate_options, run_interleaved, time_generate
@@ -224,17 +225,9 @@ def settings_from_args(args: argparse.Namespace) -> BenchSettings:
 
 def check_output(path: Path | None, flag: str) -> None:
     """Refuse, before any work, an output file that could not be written at the end of a long run."""
-    if path is None:
-        return
-    if path.is_dir():
-        raise ValueError(f"{flag}: {path} is a directory; give a file name")
-    parent = path.absolute().parent
-    while not parent.exists():
-        parent = parent.parent
-    if not parent.is_dir():
-        raise ValueError(f"{flag}: cannot create {path}: {parent} is not a directory")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise ValueError(f"{flag}: cannot write {path}: {parent} is not writable")
+    reason = path and unwritable_reason(path, directory=False)
+    if reason:
+        raise ValueError(f"{flag}: {reason}")
 
 
 def run(args: argparse.Namespace) -> dict:

@@ -1,0 +1,112 @@
+"""From directories to a CompletionEngine: the base model, its PEFT adapters, the router, patched.
+
+    check_artifacts(model_dir, {"math": dir, ...}, router_dir)   # cheap: files only, before any start
+    engine = load_engine(ServeConfig(model_dir, adapters, router_dir))
+
+The same loading as ``dlp-lora generate`` (dlp_lora/cli.py), so a served prompt and a generated one
+meet the same model, tokenizer and routing.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .engine import CompletionEngine
+
+__all__ = ["ServeConfig", "check_artifacts", "load_engine", "load_front"]
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    """What a replica loads. adapters: {name: PEFT directory}; router: a Router directory or None
+    (then every request must name a mixture or an adapter). top_p / max_loras: the router's defaults."""
+
+    model: str
+    adapters: dict[str, str] = field(default_factory=dict)
+    router: str | None = None
+    device: str = "cpu"
+    dtype: str = "float32"
+    reroute: str = "sentence"
+    top_p: float = 0.6
+    max_loras: int | None = None
+    model_name: str | None = None  # the `model` clients send; default: the model directory's name
+    threads: int | None = None  # torch threads per replica (CPU)
+
+    @property
+    def served_name(self) -> str:
+        return self.model_name or Path(self.model).resolve().name
+
+
+def check_artifacts(model: str | Path, adapters: dict, router: str | Path | None) -> None:
+    """Raise ValueError naming the first missing or mismatched file (reads JSON only, no tensors)."""
+    model = Path(model)
+    if not (model / "config.json").is_file():
+        raise ValueError(f"--model: {model} has no config.json (not a Hugging Face model directory)")
+    if not adapters:
+        raise ValueError("--adapters: give at least one adapter")
+    for name, directory in adapters.items():
+        if not (Path(directory) / "adapter_config.json").is_file():
+            raise ValueError(f"--adapters {name}: {directory} has no adapter_config.json "
+                             "(not a PEFT adapter)")
+    if router is None:
+        return
+    config = Path(router) / "router_config.json"
+    try:
+        labels = json.loads(config.read_text())["label_names"]
+    except (OSError, ValueError, KeyError, TypeError):
+        raise ValueError(f"--router: {router} is not a saved router (no readable {config.name})") from None
+    if sorted(labels) != sorted(adapters):
+        raise ValueError(
+            f"--router: its labels {sorted(labels)} do not match the adapters {sorted(adapters)}; "
+            "train it on tasks named like the adapters"
+        )
+
+
+def load_engine(config: ServeConfig) -> CompletionEngine:
+    """Load and patch the model once (a replica's start-up); raises ValueError / OSError on bad input."""
+    import torch
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    from ..bank import LoRABank
+    from ..cli import check_router_matches, load_tokenizer
+    from ..patch import patch_model
+    from ..router import Router
+
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    hf_logging.disable_progress_bar()
+    check_artifacts(config.model, config.adapters, config.router)
+    bank = LoRABank.from_peft(dict(config.adapters))
+    tokenizer = load_tokenizer(Path(config.model), "--model")
+    router = Router.load(config.router, device=config.device) if config.router else None
+    if router is not None:
+        check_router_matches(router, bank.names, tokenizer)
+    model = AutoModelForCausalLM.from_pretrained(config.model, dtype=getattr(torch, config.dtype))
+    model = model.to(config.device).eval()
+    reroute = config.reroute if router is not None else "prompt"
+    patch_model(model, bank, router, top_p=config.top_p, max_loras=config.max_loras, reroute=reroute,
+                tokenizer=tokenizer)
+    return CompletionEngine(model, tokenizer, max_context=_max_context(model.config, tokenizer))
+
+
+def load_front(config: ServeConfig):
+    """What the HTTP front needs to validate requests without the model: (tokenizer, ServedModels)."""
+    from transformers import AutoConfig
+
+    from ..cli import load_tokenizer
+    from .protocol import ServedModels
+
+    tokenizer = load_tokenizer(Path(config.model), "--model")
+    model_config = AutoConfig.from_pretrained(config.model)
+    max_context = _max_context(model_config, tokenizer)
+    return tokenizer, ServedModels(config.served_name, tuple(config.adapters), max_context)
+
+
+def _max_context(model_config, tokenizer) -> int:
+    """The model's positions, or the tokenizer's limit when smaller (a huge sentinel means none)."""
+    positions = int(getattr(model_config, "max_position_embeddings", 0) or 2048)
+    limit = getattr(tokenizer, "model_max_length", None)
+    return min(positions, int(limit)) if isinstance(limit, int) and 0 < limit < 10**9 else positions

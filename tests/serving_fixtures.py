@@ -1,0 +1,78 @@
+"""Served artifacts on disk: a tiny Llama with its word-level tokenizer, one PEFT adapter per task and
+a trained Router, each an ordinary directory as `dlp-lora serve` takes them."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from peft_fixtures import TASKS, make_adapter, task_sentence, tiny_model, word_tokenizer
+
+# Prompts of several sentences (so the router splits them into spans), mostly one task's words.
+PROMPTS = [
+    "al1 al2 the al3 . be4 be1 a be2 . al5",
+    "be0 be3 of be6 be7",
+    "ga2 ga5 and ga1 ! ga0 ga3",
+    "al0 be0 ga0 al1 be1 .",
+    "the a of and to is",
+    "ga4 ga6 . al2 al4 al6 ? be5",
+    "be2 be2 be2 . be1",
+    "al7 ga7 be7 al3",
+]
+
+
+def build(root: Path) -> dict:
+    """{"model": dir, "adapters": {task: dir}, "router": dir}; the model dir holds the tokenizer."""
+    from dlp_lora.router import Router
+
+    tokenizer = word_tokenizer()
+    tokenizer.padding_side = "left"
+    model = tiny_model("llama", seed=11, vocab_size=len(tokenizer))
+    model_dir = root / "model"
+    model.save_pretrained(str(model_dir))
+    tokenizer.save_pretrained(str(model_dir))
+    # lora_alpha=1 (scaling 1/4): deltas that steer the tiny model without making it emit EOS at once
+    adapters = {task: make_adapter(model, root / task, seed=40 + i, lora_alpha=1)
+                for i, task in enumerate(TASKS)}
+    rng = torch.Generator().manual_seed(5)
+    texts, labels = [], []
+    for task in TASKS:
+        for _ in range(40):
+            texts.append(task_sentence(task, rng, length=6))
+            labels.append(task)
+    router = Router.fit(texts, labels, tokenizer, epochs=4, verbose=False)
+    return {"model": model_dir, "adapters": adapters, "router": router.save(root / "router")}
+
+
+def config(art: dict, **overrides):
+    """The ServeConfig of these artifacts (string paths, as a replica gets them)."""
+    from dlp_lora.serving.loading import ServeConfig
+
+    return ServeConfig(model=str(art["model"]), adapters={k: str(v) for k, v in art["adapters"].items()},
+                       router=str(art["router"]), **overrides)
+
+
+def generate_alone(model, tokenizer, prompt: str, max_tokens: int, mixture: dict | None = None,
+                   routing_top_p: float | None = None, max_loras: int | None = None) -> dict:
+    """The oracle: greedy generate() of one prompt alone on a patched model, as `dlp-lora generate` runs it.
+
+    Returns {"text", "finish_reason", "routing"} in the server's terms (routing: every RoutingRecord of
+    the call as {"position", "adapters", "reason"}).
+    """
+    from dlp_lora import Route, use_mixture
+
+    enc = tokenizer([prompt], return_tensors="pt")
+    entry = mixture if mixture is not None else Route(routing_top_p, max_loras)
+    with torch.no_grad(), use_mixture(model, [entry]) as log:
+        out = model.generate(**enc, max_new_tokens=max_tokens, do_sample=False,
+                             pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+        records = list(log)
+    new = out[0, enc["input_ids"].shape[1]:].tolist()
+    stopped = tokenizer.eos_token_id in new
+    kept = new[:new.index(tokenizer.eos_token_id)] if stopped else new
+    return {
+        "text": tokenizer.decode(kept, skip_special_tokens=True),
+        "finish_reason": "stop" if stopped else "length",
+        "routing": [{"position": r.position, "adapters": dict(zip(r.adapters, r.weights, strict=True)),
+                     "reason": r.reason} for r in sorted(records, key=lambda r: r.position)],
+    }

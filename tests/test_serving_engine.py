@@ -1,0 +1,222 @@
+"""The serving engine and protocol in-process (no Ray, no HTTP): one batched generate() per set of
+compatible settings, where every row matches the same prompt generated alone."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import math
+import threading
+
+import pytest
+import serving_fixtures as sf
+
+from dlp_lora.serving.engine import BatchRunner, GenerationRow, RowResult
+from dlp_lora.serving.loading import load_engine
+from dlp_lora.serving.protocol import APIError, ServedModels, check_prompt_length, parse_completion_request
+
+
+@pytest.fixture(scope="module")
+def art(tmp_path_factory):
+    return sf.build(tmp_path_factory.mktemp("serving_engine"))
+
+
+@pytest.fixture(scope="module")
+def engine(art):
+    return load_engine(sf.config(art))
+
+
+@pytest.fixture(scope="module")
+def oracle(art):
+    """Another engine on the same directories: its model runs each prompt alone."""
+    return load_engine(sf.config(art))
+
+
+def _alone(oracle, prompt, max_tokens, mixture=None, routing_top_p=None, max_loras=None):
+    return sf.generate_alone(oracle.model, oracle.tokenizer, prompt, max_tokens, mixture, routing_top_p,
+                             max_loras)
+
+
+def _rows(engine):
+    """8 rows: routed with the defaults, routed with their own options, manual mixtures; max_tokens 3..17."""
+    options = [{}, {"mixture": {"alpha": 0.7, "gamma": 0.3}}, {}, {"routing_top_p": 0.9, "max_loras": 2},
+               {"mixture": {"beta": 1.0}}, {}, {"routing_top_p": 0.9, "max_loras": 2}, {"mixture": {}}]
+    return [GenerationRow(engine.encode(p), max_tokens=3 + 2 * i, **options[i])
+            for i, p in enumerate(sf.PROMPTS)]
+
+
+def test_batch_rows_equal_each_prompt_alone(engine, oracle):
+    rows = _rows(engine)
+    calls = engine.calls
+    results = engine.run(rows)
+    assert engine.calls - calls == 1  # manual and routed rows, with their own routing options, in one call
+    for prompt, row, result in zip(sf.PROMPTS, rows, results, strict=True):
+        assert isinstance(result, RowResult), result
+        expected = _alone(oracle, prompt, row.max_tokens, row.mixture, row.routing_top_p,
+                          row.max_loras)
+        got = {"text": result.text, "finish_reason": result.finish_reason, "routing": result.routing}
+        assert got == expected, prompt
+        assert result.batch_size > 1
+        assert result.prompt_tokens == len(row.prompt_ids)
+        if result.finish_reason == "length":
+            assert len(result.token_ids) == result.completion_tokens == row.max_tokens
+    reasons = {span["reason"] for r in results for span in r.routing}
+    assert reasons == {"sentence", "mixture"}
+    assert any(len(r.routing) > 1 for r in results)  # some prompts were split into sentence spans
+    assert any(span["position"] >= len(row.prompt_ids)  # and some re-routed while generating
+               for row, r in zip(rows, results, strict=True) for span in r.routing)
+
+
+def test_stop_strings_cut_the_text_and_streaming_never_shows_them(engine, oracle):
+    prompt = sf.PROMPTS[3]
+    full = _alone(oracle, prompt, 12)["text"]
+    words = full.split()
+    assert len(words) >= 6, full
+    stop = " ".join(words[3:5])  # two tokens: the first must be held back until the second rules it out
+    expected = full[:full.find(stop)]
+    pieces = []
+    rows = [GenerationRow(engine.encode(prompt), max_tokens=12, stop=("zz-never", stop),
+                          on_text=pieces.append),
+            GenerationRow(engine.encode(sf.PROMPTS[0]), max_tokens=12)]
+    cut, other = engine.run(rows)
+    assert (cut.text, cut.finish_reason) == (expected, "stop")
+    assert "".join(pieces) == expected and len(pieces) >= 2
+    assert not any(stop in piece for piece in pieces)
+    assert other.text == _alone(oracle, sf.PROMPTS[0], 12)["text"]
+    assert len(other.token_ids) == 12  # the cut row ended early; the call ran on for the other
+
+
+def test_a_bad_row_fails_alone(engine, oracle):
+    rows = _rows(engine)[:3]
+    rows.insert(1, GenerationRow(engine.encode(sf.PROMPTS[1]), max_tokens=4, mixture={"no_such": 1.0}))
+    results = engine.run(rows)
+    assert isinstance(results[1], ValueError) and "no_such" in str(results[1])
+    for i in (0, 2, 3):
+        row = rows[i]
+        expected = _alone(oracle, sf.PROMPTS[i - (i > 1)], row.max_tokens, row.mixture)
+        assert results[i].text == expected["text"]
+
+
+def test_sampling_settings_split_calls_and_a_seed_fixes_a_row(engine):
+    prompt_ids = engine.encode(sf.PROMPTS[5])
+    greedy = GenerationRow(prompt_ids, max_tokens=8)
+    hot = GenerationRow(prompt_ids, max_tokens=8, temperature=1.5, top_p=0.9)
+    seeded = GenerationRow(prompt_ids, max_tokens=8, temperature=1.5, seed=123)
+    calls = engine.calls
+    results = engine.run([greedy, hot, dataclasses.replace(hot), seeded])
+    assert engine.calls - calls == 3  # greedy; the two unseeded sampled rows together; the seeded one alone
+    assert [r.batch_size for r in results] == [1, 2, 2, 1]
+    again = engine.run([seeded, hot, greedy])
+    assert again[0].text == results[3].text  # whatever else is in the batch
+    assert again[2].text == results[0].text
+
+
+def test_rows_waiting_for_a_busy_model_merge_into_its_next_call():
+    """What arrives while a call runs goes into the next one, oldest first, up to max_batch_size."""
+
+    class BlockingEngine:  # stands in for CompletionEngine.run: holds its first call until released
+        def __init__(self):
+            self.calls, self.release = [], threading.Event()
+
+        def run(self, rows):
+            self.calls.append(list(rows))
+            if len(self.calls) == 1:
+                assert self.release.wait(timeout=60)
+            return [RowResult(row, [], "length", 1, 1, [], batch_size=len(rows)) for row in rows]
+
+    engine = BlockingEngine()
+
+    async def scenario():
+        runner = BatchRunner(engine, max_batch_size=3)
+        first = asyncio.ensure_future(runner.submit(["a"]))
+        for _ in range(600):  # until the first call holds the model (bounded: 60 s)
+            if engine.calls:
+                break
+            await asyncio.sleep(0.1)
+        later = [asyncio.ensure_future(runner.submit(rows)) for rows in (["b", "c"], ["d"], ["e"])]
+        await asyncio.sleep(0.2)  # the submissions queue up behind the busy model
+        engine.release.set()
+        return runner, await asyncio.gather(first, *later)
+
+    runner, results = asyncio.run(scenario())
+    assert engine.calls == [["a"], ["b", "c", "d"], ["e"]]
+    assert [[r.text for r in rs] for rs in results] == [["a"], ["b", "c"], ["d"], ["e"]]
+    assert [r.batch_size for rs in results for r in rs] == [1, 3, 3, 3, 1]
+    assert runner.call_sizes == {1: 2, 3: 1}
+
+
+# --- protocol: every bad request is an APIError naming its field -------------------------------------
+
+SERVED = ServedModels("tiny", ("alpha", "beta", "gamma"), max_context=128)
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "param", "code"),
+    [
+        (b"{not json", 400, None, "invalid_json"),
+        (b"[1, 2]", 400, None, None),
+        ({"model": "tiny"}, 400, "prompt", None),
+        ({"model": "tiny", "prompt": "  "}, 400, "prompt", None),
+        ({"model": "tiny", "prompt": ["ok", ""]}, 400, "prompt[1]", None),
+        ({"model": "tiny", "prompt": []}, 400, "prompt", None),
+        ({"model": "tiny", "prompt": [1, 2]}, 400, "prompt[0]", None),
+        ({"prompt": "x"}, 400, "model", None),
+        ({"model": "gpt-4", "prompt": "x"}, 404, "model", "model_not_found"),
+        ({"model": "tiny", "prompt": "x", "max_tokens": 0}, 400, "max_tokens", None),
+        ({"model": "tiny", "prompt": "x", "max_tokens": 1.5}, 400, "max_tokens", None),
+        ({"model": "tiny", "prompt": "x", "max_tokens": 128}, 400, "max_tokens", "context_length_exceeded"),
+        ({"model": "tiny", "prompt": "x", "mixture": {"delta": 1}}, 400, "mixture", None),
+        ({"model": "tiny", "prompt": "x", "mixture": {"alpha": -0.5}}, 400, "mixture", None),
+        ({"model": "tiny", "prompt": "x", "mixture": {"alpha": math.nan}}, 400, "mixture", None),
+        (b'{"model": "tiny", "prompt": "x", "mixture": {"alpha": NaN}}', 400, "mixture", None),
+        ({"model": "tiny", "prompt": "x", "mixture": [1]}, 400, "mixture", None),
+        ({"model": "alpha", "prompt": "x", "mixture": {"beta": 1}}, 400, "mixture", None),
+        ({"model": "tiny", "prompt": "x", "mixture": {"beta": 1}, "routing_top_p": 0.5}, 400, "routing_top_p",
+         None),
+        ({"model": "tiny", "prompt": "x", "routing_top_p": 0}, 400, "routing_top_p", None),
+        ({"model": "tiny", "prompt": "x", "max_loras": 4}, 400, "max_loras", None),
+        ({"model": "tiny", "prompt": "x", "temperature": 3}, 400, "temperature", None),
+        ({"model": "tiny", "prompt": "x", "top_p": 0}, 400, "top_p", None),
+        ({"model": "tiny", "prompt": "x", "n": 2}, 400, "n", None),
+        ({"model": "tiny", "prompt": "x", "logprobs": 1}, 400, "logprobs", None),
+        ({"model": "tiny", "prompt": "x", "stop": ["a", "b", "c", "d", "e"]}, 400, "stop", None),
+        ({"model": "tiny", "prompt": "x", "stop": [""]}, 400, "stop", None),
+        ({"model": "tiny", "prompt": "x", "stream": "yes"}, 400, "stream", None),
+        ({"model": "tiny", "prompt": "x", "stream_options": {"include_usage": True}}, 400, "stream_options",
+         None),
+        ({"model": "tiny", "prompt": "x", "mixtures": {"alpha": 1}}, 400, "mixtures", None),
+    ],
+)
+def test_bad_requests_name_their_field(body, status, param, code):
+    with pytest.raises(APIError) as info:
+        parse_completion_request(body, SERVED)
+    error = info.value
+    assert (error.status, error.param, error.code) == (status, param, code), error.message
+    body = error.body()["error"]
+    assert set(body) == {"message", "type", "param", "code"} and body["message"]
+
+
+def test_good_requests_parse():
+    request = parse_completion_request(
+        b'{"model": "tiny", "prompt": ["a", "b"], "max_tokens": 5, "temperature": 0, "stop": "."}', SERVED)
+    assert (request.prompts, request.max_tokens, request.temperature, request.stop) == (["a", "b"], 5, 0.0,
+                                                                                          (".",))
+    assert request.mixture is None and request.seed is None
+    request = parse_completion_request({"model": "beta", "prompt": "x", "user": "u", "n": 1}, SERVED)
+    assert request.mixture == {"beta": 1.0}  # an adapter's name as the model: that adapter alone
+    request = parse_completion_request({"model": "tiny", "prompt": "x", "mixture": {"alpha": 1, "beta": 0}},
+                                       SERVED)
+    assert request.mixture == {"alpha": 1.0, "beta": 0.0}
+    with pytest.raises(APIError) as info:
+        check_prompt_length(125, request, SERVED, 0)
+    assert (info.value.param, info.value.code) == ("prompt", "context_length_exceeded")
+    check_prompt_length(112, request, SERVED, 0)
+
+
+def test_importing_the_package_and_engine_never_imports_ray():
+    import subprocess
+    import sys
+
+    code = ("import sys, dlp_lora, dlp_lora.serving.engine, dlp_lora.serving.protocol, "
+            "dlp_lora.serving.loading; assert 'ray' not in sys.modules, 'ray imported'")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
