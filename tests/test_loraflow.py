@@ -182,6 +182,37 @@ def test_forms_agree_and_unpatch_restores(tiny_llama):
         torch.testing.assert_close(other, reference, rtol=1e-4, atol=1e-5)
 
 
+def test_two_threads_each_read_their_own_gate_weights(tiny_llama):
+    """The gate weights are kept per thread: two callers of one patched model, run at once, get what
+    each gets alone (a shared slot would hand one caller the other's [T, k] weights)."""
+    import threading
+
+    model = patch_loraflow(copy.deepcopy(tiny_llama), tiny_stacks(tiny_llama), init="normal", seed=2)
+    inputs = [torch.randint(0, 97, (1, 5)), torch.randint(0, 97, (1, 5))]
+    with torch.no_grad():
+        alone = [model(ids).logits for ids in inputs]
+    barrier, results, errors = threading.Barrier(2), [[], []], []
+
+    def caller(i):
+        try:
+            barrier.wait()
+            with torch.no_grad():
+                for _ in range(20):
+                    results[i].append(model(inputs[i]).logits)
+        except Exception as e:  # reported below: an exception in a thread would otherwise pass
+            errors.append(e)
+
+    threads = [threading.Thread(target=caller, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    assert not torch.allclose(alone[0], alone[1])
+    for i in range(2):
+        assert len(results[i]) == 20 and all(torch.equal(out, alone[i]) for out in results[i])
+
+
 def _bank_and_stacks(model, n, seed):
     from dlp_lora.bank import LoRABank
     from dlp_lora.bench.baselines import stacks_from_bank
