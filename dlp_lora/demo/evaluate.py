@@ -131,7 +131,8 @@ def evaluate_composite(model, tokenizer, bank, router, rows: list[tuple[str, str
         steps[method] += n
 
     batches = [rows[i: i + batch_size] for i in range(0, len(rows), batch_size)]
-    for batch in tqdm(batches, desc="composite eval", unit="batch", disable=not progress, leave=False):
+    for batch in tqdm(batches, desc="composite eval", unit="batch", disable=None if progress else True,
+                      leave=False):
         names, prompts, targets = zip(*batch, strict=True)
         answers: dict[str, list[str]] = {}
         run("base", list(prompts))
