@@ -46,8 +46,8 @@ def test_shipped_base_matches_its_sha256_and_loads():
 
 
 def test_a_changed_base_file_is_one_line_naming_it(tmp_path, monkeypatch, capsys):
-    base = tmp_path / "base"
-    shutil.copytree(shipped.BASE_DIR, base)
+    base, original = tmp_path / "base", shipped.BASE_DIR
+    shutil.copytree(original, base)
     weights = base / "model.safetensors"
     data = bytearray(weights.read_bytes())
     data[-1] ^= 1
@@ -58,6 +58,8 @@ def test_a_changed_base_file_is_one_line_naming_it(tmp_path, monkeypatch, capsys
     assert main(["--smoke", "--cache-dir", str(tmp_path / "cache"), "--out", str(tmp_path / "out")]) == 1
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and str(weights) in err and "--rebuild-base" in err
+    shutil.copy(original / "model.safetensors", weights)
+    shipped.verified_base(base)
     (base / "tokenizer.json").unlink()
     with pytest.raises(shipped.BaseModelError, match="tokenizer.json: missing"):
         shipped.verified_base(base)

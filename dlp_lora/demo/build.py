@@ -91,6 +91,21 @@ def reproducible(seed: int) -> Iterator[None]:
             torch.set_num_threads(threads)
 
 
+@contextlib.contextmanager
+def quiet_transformers() -> Iterator[None]:
+    """No transformers progress bars in the block: its "Loading weights" and "Writing model shards"
+    bars of a one-file model say nothing and add lines to every log."""
+    from transformers.utils import logging as hf_logging
+
+    enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if enabled:
+            hf_logging.enable_progress_bar()
+
+
 def build_tokenizer(out_dir: str | Path | None = None):
     """A char-level Hugging Face tokenizer (WordLevel over single characters), saved with save_pretrained.
 
@@ -232,15 +247,8 @@ def pretrain_base(out_dir: str | Path, recipe: BaseRecipe, log=print) -> str:
         primitives = tasks.stream(list(tasks.PRIMITIVES.values()), recipe.seed)
         done = train_causal_lm(model, tokenizer, primitives, steps=recipe.pretrain_steps,
                                lr=recipe.pretrain_lr, batch_size=recipe.batch_size, desc="pretrain base")
-    from transformers.utils import logging as hf_logging
-
-    bars = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()  # its one-shard "Writing model shards" bar says nothing
-    try:
+    with quiet_transformers():
         model.save_pretrained(str(out_dir), safe_serialization=True)
-    finally:
-        if bars:
-            hf_logging.enable_progress_bar()
     return f"{done.exact_match:.1%} exact match on fresh primitive samples"
 
 

@@ -150,6 +150,12 @@ def prepare(recipe: build.Recipe, root: str | Path | None = None, *, log: Callab
 def run(recipe: build.Recipe, *, cache: str | Path | None = None, out: str | Path = "demo_out",
         top_p: float = 0.6, log: Callable[[str], None] = print) -> tuple[CompositeResult, Path]:
     """Prepare the artifacts, evaluate the shuffled composite, print the table, write JSON + PNG."""
+    with build.quiet_transformers():
+        return _run(recipe, cache, out, top_p, log)
+
+
+def _run(recipe: build.Recipe, cache: str | Path | None, out: str | Path, top_p: float,
+         log: Callable[[str], None]) -> tuple[CompositeResult, Path]:
     from transformers import AutoModelForCausalLM
 
     from ..bank import LoRABank
