@@ -3,7 +3,7 @@
 No download: it starts from the small char-level Llama shipped in dlp_lora/demo/base/ (pretrained on
 string primitives, checked against its recorded sha256), trains one PEFT LoRA per synthetic task and
 a router, then compares base / oracle LoRA / DLP-LoRA on a shuffled composite of all tasks. The first
-run trains the adapters and the router (~1-2 min); later runs reuse them from the cache
+run trains the adapters and the router (~2 min on one core); later runs reuse them from the cache
 ($DLP_LORA_DEMO_DIR, default .cache/dlp_demo) and only evaluate.
 
 The table is the same on every run on one machine, cached or not: every artifact is trained with one
