@@ -6,10 +6,11 @@ a router, then compares base / oracle LoRA / DLP-LoRA on a shuffled composite of
 run trains the adapters and the router (~2 min on one core); later runs reuse them from the cache
 ($DLP_LORA_DEMO_DIR, default .cache/dlp_demo) and only evaluate.
 
-The table is the same on every run on one machine, cached or not: every artifact is trained with one
-torch thread, deterministic algorithms and its own seed (build.reproducible), and the evaluation is
-greedy. Another CPU (or torch build) may round differently, train adapters that stop at another step
-and so differ by a prompt or two; `--threads` above 1 may too, as it changes the evaluation's sums.
+Its exact-match and router columns are the same on every run on one machine, cached or not: every
+artifact is trained with one torch thread, deterministic algorithms and its own seed
+(build.reproducible), so the same bytes come out, and decoding is greedy. Another CPU or torch build
+may round differently, stop an adapter at another step and so differ by a prompt or two; `--threads`
+above 1 may too, as it changes the evaluation's sums. Decode times are measured, so they vary.
 `--rebuild-base` pretrains the shipped base again (~5 min) and checks its files' sha256.
 """
 
