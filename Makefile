@@ -1,5 +1,5 @@
 # The README's commands. Everything is installed into .venv on first use.
-#   make demo   - the paper's composite-K experiment at small scale (no downloads, ~1-2 min)
+#   make demo   - the paper's composite-K experiment at small scale (no downloads, ~2 min)
 #   make test   - the test suite (CPU; Triton kernels under TRITON_INTERPRET=1)
 #   make bench  - microbenchmarks + end-to-end decode benchmark, results in benchmarks/results/
 # Override the torch build with e.g. `make test TORCH_SPEC="torch==2.11.0"`; a bare `torch`
