@@ -49,7 +49,7 @@ demo: build
 	$(PY) -m dlp_lora.demo
 
 # Pretrain the demo's shipped base again (~5 min on one core); fails unless every file's sha256 equals
-# the one recorded in dlp_lora/demo/base/sha256.json.
+# the one recorded in dlp_lora/demo/base-model/sha256.json.
 .PHONY: demo-base-check
 demo-base-check: build
 	$(PY) -m dlp_lora.demo --rebuild-base .cache/dlp_demo/base-rebuilt

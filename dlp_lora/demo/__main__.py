@@ -1,6 +1,6 @@
 """`python -m dlp_lora.demo` (what `make demo` runs): the paper's composite-K experiment on a laptop.
 
-No download: it starts from the small char-level Llama shipped in dlp_lora/demo/base/ (pretrained on
+No download: it starts from the small char-level Llama shipped in dlp_lora/demo/base-model/ (pretrained on
 string primitives, checked against its recorded sha256), trains one PEFT LoRA per synthetic task and
 a router, then compares base / oracle LoRA / DLP-LoRA on a shuffled composite of all tasks. The first
 run trains the adapters and the router (~2 min on one core); later runs reuse them from the cache
@@ -37,8 +37,8 @@ def main(argv: list[str] | None = None) -> int:
                              "idle 2-core machine and can cost 10-50x on a busy one); training always uses 1")
     parser.add_argument("--rebuild-base", nargs="?", const="", default=None, metavar="DIR",
                         help="pretrain the base model again into DIR (default: the shipped "
-                             "dlp_lora/demo/base/) and compare its files' sha256 with the shipped ones; "
-                             "with DIR, exit 1 if any differs")
+                             "dlp_lora/demo/base-model/) and compare its files' sha256 with the shipped "
+                             "ones; with DIR, exit 1 if any differs")
     args = parser.parse_args(argv)
 
     import torch

@@ -25,7 +25,7 @@ LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 
 @dataclass(frozen=True)
 class BaseRecipe:
-    """The shipped base model (dlp_lora/demo/base/): a char-level Llama pretrained on the string
+    """The shipped base model (dlp_lora/demo/base-model/): a char-level Llama pretrained on the string
     primitives of tasks.py. `python -m dlp_lora.demo --rebuild-base` trains it again from this recipe.
 
     Measured with one thread on a shared 2-core machine: 2500 steps (~290 s) end at ~99% exact match on

@@ -1,6 +1,6 @@
 """The demo end to end: build (or reuse) the artifacts, run the composite evaluation, report it.
 
-The base model is the shipped one (dlp_lora/demo/base/, see shipped.py), checked against its sha256.
+The base model is the shipped one (dlp_lora/demo/base-model/, see shipped.py), checked against its sha256.
 What is trained on it lives in a cache directory keyed by the recipe, the base's sha256 and the code
 that trains, so a second run only evaluates:
 

@@ -1,6 +1,6 @@
 """The demo's shipped base model: where it lies, the sha256 of its files, and how to build it again.
 
-dlp_lora/demo/base/ holds a pretrained char-level Llama (model.safetensors, config.json, tokenizer
+dlp_lora/demo/base-model/ holds a pretrained char-level Llama (model.safetensors, config.json, tokenizer
 files: `save_pretrained` output) and sha256.json, which records each file's sha256, the BaseRecipe
 that trained it and the library versions it was trained with. The demo starts from it, as a user
 starts from a pretrained model, and checks every file against sha256.json before using it.
@@ -20,7 +20,8 @@ import shutil
 from collections.abc import Callable
 from pathlib import Path
 
-BASE_DIR = Path(__file__).resolve().with_name("base")
+# package data, not a package: a name that is no Python identifier cannot be imported
+BASE_DIR = Path(__file__).resolve().with_name("base-model")
 MANIFEST = "sha256.json"
 REBUILD = "python -m dlp_lora.demo --rebuild-base"
 
