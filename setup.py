@@ -79,7 +79,7 @@ setup(
     # on PyPI and in the Triton/vLLM world and would clash.
     packages=["dlp_lora", "dlp_lora.ops", "dlp_lora.router", "dlp_lora.triton_kernels", "dlp_lora.bench", "dlp_lora.demo"],
     package_dir={"dlp_lora.triton_kernels": "triton_kernels"},
-    package_data={"dlp_lora.demo": ["*.json"]},
+    package_data={"dlp_lora.demo": ["*.json", "base-model/*"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )

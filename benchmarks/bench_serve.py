@@ -34,8 +34,10 @@ from collections import Counter
 from pathlib import Path
 
 # Everything this script takes from the benchmark harness, in one place.
-from dlp_lora.bench.harness import MODELS, build_base_model, ensure_peft_adapters
+from dlp_lora._atomic import atomic_write_text
+from dlp_lora.bench.harness import check_output
 from dlp_lora.bench.provenance import load_average, machine_info, timestamp, versions
+from dlp_lora.bench.workload import MODELS, build_base_model, ensure_peft_adapters
 
 PUNCT = [".", "!", "?", ","]
 SPECIAL = ["<pad>", "<unk>", "<eos>"]
@@ -183,35 +185,10 @@ def evaluate_goals(rows: list[dict]) -> list[dict]:
     return goals
 
 
-def table(result: dict) -> str:
-    """The markdown table of a result file (one row per setting)."""
-    lines = ["| max batch | clients | tokens/s | requests/s | p50 s | p95 s | p99 s "
-             "| requests by generate() size |",
-             "|---:|---:|---:|---:|---:|---:|---:|---|"]
-    for r in result["rows"]:
-        lat = r["latency_s"]
-        sizes = ", ".join(f"{k}: {v}" for k, v in r["batch_sizes"].items())
-        lines.append(f"| {r['max_batch_size']} | {r['clients']} | {r['tokens_per_s']:.1f} | "
-                     f"{r['requests_per_s']:.2f} | {lat['p50']:.2f} | {lat['p95']:.2f} | {lat['p99']:.2f} | "
-                     f"{sizes} |")
-    machine, v, c = result["machine"], result["versions"], result["config"]
-    load = result["load_average"]
-    lines += ["", f"{c['model_parameters'] / 1e6:.0f}M-parameter Llama, {c['dtype']}, "
-              f"{c['adapters']} adapters, {c['new_tokens']} new tokens, {c['prompt_words']}-word prompts, "
-              f"1 replica, {c['threads']} torch thread(s); {machine['cpu']} ({machine['cpu_count']} cores); "
-              f"torch {v['torch']}, ray {c['ray']}; load average {load['start']} -> {load['end']}; "
-              f"{result['created']}."]
-    for goal in result["goals"]:
-        lines.append(f"- {goal['goal']}: {goal['tokens_per_s_ratio']}x, p50 {goal['p50_s'][0]} s -> "
-                     f"{goal['p50_s'][1]} s: {'met' if goal['met'] else 'missed'}")
-    return "\n".join(lines) + "\n"
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--out", type=Path, default=None, help="result JSON (its table goes next to it, .md)")
-    parser.add_argument("--table", type=Path, default=None, metavar="JSON",
-                        help="only (re)write the markdown table of an existing result file")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="result JSON (tabled by benchmarks/make_readme_tables.py)")
     parser.add_argument("--model", choices=sorted(MODELS), default=None,
                         help="cpu: the 168M Llama (CPU default); gpu: ~1.1B (CUDA default); tiny: smoke")
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
@@ -229,12 +206,8 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     args.model = args.model or ("gpu" if args.device == "cuda" else "cpu")
     args.dtype = "bfloat16" if args.device == "cuda" else "float32"
-    if args.table:
-        result = json.loads(args.table.read_text())
-        args.table.with_suffix(".md").write_text(table(result))
-        print(table(result))
-        return 0
-
+    if args.out:
+        check_output(args.out, "--out")
     import ray
     from ray import serve
 
@@ -289,10 +262,10 @@ def main(argv=None) -> int:
         "load_average": {"start": load_start, "end": load_average()},
     }
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=1) + "\n")
-        args.out.with_suffix(".md").write_text(table(result))
-    print(table(result))
+        atomic_write_text(args.out, json.dumps(result, indent=1) + "\n")
+    for goal in result["goals"]:
+        print(f"{'MET ' if goal['met'] else 'MISS'}  {goal['goal']}: {goal['tokens_per_s_ratio']}x, "
+              f"p50 {goal['p50_s'][0]} s -> {goal['p50_s'][1]} s")
     return 0
 
 

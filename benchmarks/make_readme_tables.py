@@ -416,11 +416,39 @@ def render_loraflow(path: Path) -> str:
 
 # ----------------------------------------------------------------------------- headline (README)
 
+def render_serve(path: Path) -> str:
+    """benchmarks/bench_serve.py: serial against batched serving, 1-16 concurrent clients."""
+    result = json.loads(path.read_text())
+    lines = ["| max batch | clients | tokens/s | requests/s | p50 s | p95 s | p99 s "
+             "| requests by generate() size |",
+             "|---:|---:|---:|---:|---:|---:|---:|---|"]
+    for r in result["rows"]:
+        lat = r["latency_s"]
+        sizes = ", ".join(f"{k}: {v}" for k, v in r["batch_sizes"].items())
+        lines.append(f"| {r['max_batch_size']} | {r['clients']} | {r['tokens_per_s']:.1f} | "
+                     f"{r['requests_per_s']:.2f} | {lat['p50']:.2f} | {lat['p95']:.2f} | {lat['p99']:.2f} | "
+                     f"{sizes} |")
+    machine, v, c = result["machine"], result["versions"], result["config"]
+    load = result["load_average"]
+    lines += ["", f"{c['model_parameters'] / 1e6:.0f}M-parameter Llama, {c['dtype']}, "
+              f"{c['adapters']} adapters, {c['new_tokens']} new tokens, {c['prompt_words']}-word prompts, "
+              f"1 replica, {c['threads']} torch thread(s); {machine['cpu']} ({machine['cpu_count']} cores); "
+              f"torch {v['torch']}, ray {c['ray']}; load average {load['start']} -> {load['end']}; "
+              f"{result['created']}."]
+    for goal in result["goals"]:
+        lines.append(f"- {goal['goal']}: {goal['tokens_per_s_ratio']}x, p50 {goal['p50_s'][0]} s -> "
+                     f"{goal['p50_s'][1]} s: {'met' if goal['met'] else 'missed'}")
+    lines += ["", f"_From `{_rel(path)}`; rerun: `python benchmarks/bench_serve.py --out {_rel(path)}`._"]
+    return "\n".join(lines) + "\n"
+
+
+
+
 def render_headline(results_dir: Path) -> str | None:
     """README's one table: DLP-LoRA's decode time against the base model, PEFT and token-level gating
     (batch 1, from the full end-to-end run) and the demo's accuracy, each beside its goal in words."""
     e2e_path, demo_path = _headline_files(results_dir)
-    if e2e_path is None and demo_path is None:
+    if e2e_path is None and demo_path is None and not any(results_dir.glob("serve_*.json")):
         return None
     rows, sources = [], []
     if e2e_path is not None:
@@ -465,6 +493,18 @@ def render_headline(results_dir: Path) -> str | None:
                      + f"router accuracy {average['router']:.1f}%)",
                      "yes" if average["dlp"] >= average["oracle"] else "**no**"])
         sources.append(f"`{_rel(demo_path)}` ({_machine(demo)})")
+    serve_path = next(iter(sorted(results_dir.glob("serve_*.json"))), None)
+    if serve_path is not None:
+        served = json.loads(serve_path.read_text())
+        for goal in served["goals"]:
+            rows.append([f"`dlp-lora serve`, 16 concurrent clients, each its own routed mixture: tokens/s of "
+                         f"{goal['goal'].split(': ')[0].split(', ')[1]} / serial serving",
+                         "at least 3x serial serving's tokens/s, at a lower median latency",
+                         f"{goal['tokens_per_s_ratio']:.2f}x (p50 {goal['p50_s'][0]:.1f} s -> "
+                         f"{goal['p50_s'][1]:.1f} s)", _met(goal)])
+        sources.append(f"`{_rel(serve_path)}` ({served['machine'].get('cpu', '?')}, "
+                       f"{served['config']['threads']} torch thread(s) per replica, "
+                       f"load {served['load_average']['start'][0]})")
     note = ("_Ratios: median over interleaved rounds of the paired ratio [IQR]. From "
             + " and ".join(sources) + "; every table: [docs/benchmarks.md](docs/benchmarks.md)._")
     return "\n".join([md_table(["what", "goal", "measured", "met"], rows), "", note])
@@ -505,6 +545,7 @@ SECTIONS: dict[str, tuple[str, Callable[[Path], str]]] = {
     "breakdown": ("decode_breakdown_*.json", render_breakdown),
     "loraflow": ("loraflow_e2e_*.json", render_loraflow),
     "demo": ("demo*.json", render_demo),
+    "serve": ("serve_*.json", render_serve),
 }
 
 

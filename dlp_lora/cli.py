@@ -20,6 +20,8 @@ import json
 import sys
 from pathlib import Path
 
+from .artifacts import check_router_matches, load_tokenizer
+
 EXIT_BAD_INPUT = 2
 DEBUG_HELP = "show the full traceback on errors"
 
@@ -144,31 +146,6 @@ def read_task_jsonl(path: Path) -> tuple[list[str], list[str]]:
     if len(set(tasks)) < 2:
         raise CLIError(f"{path}: a router needs at least 2 tasks, found {sorted(set(tasks))}")
     return texts, tasks
-
-
-def load_tokenizer(directory: Path, flag: str):
-    from transformers import AutoTokenizer
-
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(str(directory))
-    except (OSError, ValueError, KeyError) as e:
-        raise CLIError(f"{flag}: no Hugging Face tokenizer could be loaded from {directory} "
-                       f"({_one_line(e)})") from None
-    tokenizer.padding_side = "left"  # generation continues each prompt at its last column
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return tokenizer
-
-
-def check_router_matches(router, names: list[str], tokenizer) -> None:
-    """A router must score exactly the bank's adapters, and read the model's token ids."""
-    if sorted(router.label_names) != sorted(names):
-        raise CLIError(f"--router: its labels {sorted(router.label_names)} do not match the adapters "
-                       f"{sorted(names)}; train it on tasks named like the adapters")
-    own = getattr(router, "tokenizer", None)
-    if own is not None and own.get_vocab() != tokenizer.get_vocab():
-        raise CLIError("--router: it was trained with a different tokenizer than the model's; retrain it "
-                       "with --tokenizer pointing at this model")
 
 
 # ---- commands -------------------------------------------------------------------------------------

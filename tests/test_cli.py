@@ -36,7 +36,7 @@ def _save_adapter(base_dir: Path, out: Path, recipe: build.Recipe, seed: int) ->
     return out
 
 
-def _save_model(out: Path, recipe: build.Recipe) -> Path:
+def _save_model(out: Path, recipe: build.BaseRecipe) -> Path:
     tokenizer = build.build_tokenizer(out)
     build.build_base_model(tokenizer, recipe).save_pretrained(str(out))
     return out
@@ -47,11 +47,12 @@ def art(tmp_path_factory):
     """A tiny model dir, two adapters for it, one adapter for a wider model, a task JSONL, a router."""
     root = tmp_path_factory.mktemp("cli")
     recipe = build.Recipe.smoke()
-    model = _save_model(root / "model", recipe)
+    model = _save_model(root / "model", build.BaseRecipe(hidden_size=96, num_layers=2, num_heads=4,
+                                                         intermediate_size=192))
     adapters = {name: _save_adapter(model, root / name, recipe, seed=i) for i, name in enumerate(TASK_NAMES)}
-    wider = build.Recipe(name="wider", hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64)
+    wider = build.BaseRecipe(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64)
     other_model = _save_model(root / "other_model", wider)
-    foreign = _save_adapter(other_model, root / "foreign", wider, seed=5)
+    foreign = _save_adapter(other_model, root / "foreign", recipe, seed=5)
 
     data = root / "tasks.jsonl"
     rows = tasks.held_out_set([tasks.TASKS[n] for n in TASK_NAMES], 30, seed=3)

@@ -1,17 +1,22 @@
-"""The demo's smoke run (`python -m dlp_lora.demo --smoke`): two tasks, a tiny model, a few steps.
+"""The demo: its shipped base model, and the smoke run (`python -m dlp_lora.demo --smoke`).
 
-It builds every artifact (tokenizer, pretrained base, PEFT adapters, router) in a temporary cache,
-evaluates the shuffled composite and checks the table's shape and that the oracle adapter beats the
-base model. The full demo (`make demo`) is the same code with the full recipe.
+The smoke run trains two adapters for a few steps on the shipped base and a router in a temporary
+cache, evaluates the shuffled composite and checks the table's shape and that the oracle adapter beats
+the base model. The full demo (`make demo`) is the same code with the full recipe. Rebuilding the
+shipped base itself takes minutes: `make demo-base-check` does it and compares the sha256.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import random
+import shutil
 
 import pytest
+import torch
 
-from dlp_lora.demo import build, pipeline
+from dlp_lora.demo import build, pipeline, shipped, tasks
 from dlp_lora.demo.__main__ import main
 from dlp_lora.demo.evaluate import METHODS
 
@@ -22,6 +27,64 @@ def smoke(tmp_path_factory):
     quiet = lambda _: None
     result, out = pipeline.run(build.Recipe.smoke(), cache=root / "cache", out=root / "out", log=quiet)
     return root, result, out
+
+
+def test_shipped_base_matches_its_sha256_and_loads():
+    from transformers import AutoModelForCausalLM
+
+    base = shipped.verified_base()
+    manifest = shipped.read_manifest()
+    assert {"model.safetensors", "config.json", "tokenizer.json"} <= set(manifest["files"])
+    assert sorted(p.name for p in base.iterdir()) == sorted([*manifest["files"], shipped.MANIFEST])
+    recipe = build.BaseRecipe()
+    assert manifest["recipe"] == {k: getattr(recipe, k) for k in manifest["recipe"]}
+    model = AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32)
+    assert model.config.hidden_size == recipe.hidden_size
+    tokenizer = build.load_tokenizer(base)
+    prompt, _ = tasks.PRIMITIVES["copy"].make(random.Random(0))
+    assert tokenizer.decode(tokenizer(prompt)["input_ids"], skip_special_tokens=True) == prompt
+
+
+def test_a_changed_base_file_is_one_line_naming_it(tmp_path, monkeypatch, capsys):
+    base, original = tmp_path / "base", shipped.BASE_DIR
+    shutil.copytree(original, base)
+    weights = base / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 1
+    weights.write_bytes(bytes(data))
+    with pytest.raises(shipped.BaseModelError, match="model.safetensors: sha256"):
+        shipped.verified_base(base)
+    monkeypatch.setattr(shipped, "BASE_DIR", base)
+    assert main(["--smoke", "--cache-dir", str(tmp_path / "cache"), "--out", str(tmp_path / "out")]) == 1
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and str(weights) in err and "--rebuild-base" in err
+    shutil.copy(original / "model.safetensors", weights)
+    shipped.verified_base(base)
+    (base / "tokenizer.json").unlink()
+    with pytest.raises(shipped.BaseModelError, match="tokenizer.json: missing"):
+        shipped.verified_base(base)
+
+
+def test_training_is_reproducible_whatever_ran_before(tmp_path):
+    """The same bytes from the same recipe, whatever the thread count and global RNG state before:
+    a few pretraining steps of a tiny base, then a few adapter steps on it."""
+    tiny = build.BaseRecipe(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64,
+                            pretrain_steps=3, batch_size=8)
+    recipe = dataclasses.replace(build.Recipe.smoke(), adapter_steps=3, batch_size=8)
+    task = tasks.TASKS["reverse"]
+    hashes = []
+    threads = torch.get_num_threads()
+    for i, (n_threads, seed) in enumerate([(1, 0), (2, 123)]):
+        torch.set_num_threads(n_threads)
+        torch.manual_seed(seed)
+        manifest = shipped.build_base(tmp_path / f"base{i}", tiny, log=lambda _: None)
+        tokenizer = build.load_tokenizer(tmp_path / f"base{i}")
+        build.train_adapter(tmp_path / f"base{i}", tokenizer, task, tasks.stream([task], 0), recipe,
+                            tmp_path / f"adapter{i}")
+        adapter = shipped.sha256(tmp_path / f"adapter{i}" / "adapter_model.safetensors")
+        hashes.append((manifest["files"], adapter))
+    torch.set_num_threads(threads)
+    assert hashes[0] == hashes[1]
 
 
 def test_table_has_one_row_per_task_plus_average(smoke):
@@ -47,6 +110,7 @@ def test_results_written_and_second_run_reuses_the_cache(smoke, capsys):
     root, result, out = smoke
     payload = json.loads((out / "composite.json").read_text())
     assert payload["rows"] == result.table_rows()
+    assert payload["base_model"]["sha256"] == shipped.read_manifest()["files"]["model.safetensors"]
     assert (out / "composite.png").stat().st_size > 0
     # the second run through the command line finds every artifact cached and only evaluates
     assert main(["--smoke", "--cache-dir", str(root / "cache"), "--out", str(root / "out2")]) == 0
@@ -84,3 +148,4 @@ def test_readme_table_from_the_demo_json(smoke):
     average = lines[-1]
     assert f"**{result.decode_ratio('dlp'):.2f}x**" in average and "**1.00x**" in average
     assert payload["machine"]["cpu"] in text
+    assert f"hidden {build.BaseRecipe().hidden_size}" in text

@@ -155,14 +155,10 @@ def breakdown_variants(variants):
 
 def run_breakdown(base: nn.Module, banks: dict, adapter_dirs, settings, progress) -> list[dict]:
     """Timed rounds, then PROFILE_ROUNDS profiles per variant, at batch 1; one row per variant."""
-    from .harness import (
-        TARGET_MODULES,
-        generate_options,
-        main_variants,
-        random_prompts,
-        run_interleaved,
-        summarize,
-    )
+    from .report import summarize
+    from .timing import generate_options, run_interleaved
+    from .variants import main_variants
+    from .workload import TARGET_MODULES, random_prompts
 
     variants = breakdown_variants(main_variants(base, banks, adapter_dirs, settings, settings.meteora_forms))
     prompts = random_prompts(1, settings, base.config.vocab_size)

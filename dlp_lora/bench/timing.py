@@ -33,6 +33,12 @@ class StepClock:
         self.stamps.append(self.now())
         return scores
 
+    def decode_seconds(self) -> tuple[float, int]:
+        """(wall seconds, steps) between the first and the last stamped step: the decode, prefill excluded."""
+        if len(self.stamps) < 2:
+            return 0.0, 0
+        return self.stamps[-1][0] - self.stamps[0][0], len(self.stamps) - 1
+
 
 def generate_options(settings: BenchSettings) -> dict:
     """generate() arguments shared by every variant: with ``compile``, a static KV cache and

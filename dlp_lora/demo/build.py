@@ -1,4 +1,4 @@
-"""Build the demo's artifacts: a char-level tokenizer, a small pretrained Llama, one PEFT LoRA per task.
+"""Build the demo's artifacts: one PEFT LoRA per task on the shipped base, and (with --rebuild-base) the base.
 
 Every artifact is an ordinary directory a user could pass to the CLI: the model and tokenizer are saved
 with `save_pretrained`, the adapters in PEFT's format (adapter_config.json + adapter_model.safetensors).
@@ -6,6 +6,7 @@ with `save_pretrained`, the adapters in PEFT's format (adapter_config.json + ada
 
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
 from collections import deque
@@ -16,31 +17,48 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from ..bench.workload import TARGET_MODULES as LORA_TARGETS  # every projection of a Llama layer
 from .tasks import ALPHABET, StringTask
 
 PAD, BOS, EOS, UNK = "<pad>", "<s>", "</s>", "<unk>"
-LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
 @dataclass(frozen=True)
-class Recipe:
-    """Sizes and schedules of the demo. `Recipe()` is the full demo, `Recipe.smoke()` the test-sized one.
+class BaseRecipe:
+    """The shipped base model (dlp_lora/demo/base-model/): a char-level Llama pretrained on the string
+    primitives of tasks.py. `python -m dlp_lora.demo --rebuild-base` trains it again from this recipe.
 
-    Measured with one thread on a shared 2-core machine: pretraining (2500 steps, ~290 s) ends at ~99%
-    exact match on the primitives; adapters stop after 190-600 steps (~25-80 s each); oracle exact match
-    was >= 96% on every task for seeds 0 and 1. With 1500 pretraining steps the base was weaker and seed
-    dependent (89-96% on the primitives), and the add adapter then fell to 62% on one seed.
+    Measured with one thread on a shared 2-core machine: 2500 steps (~290 s) end at ~99% exact match on
+    the primitives. With 1500 steps the base was weaker and seed dependent (89-96% on the primitives),
+    and the add adapter then fell to 62% on one seed.
     """
 
-    name: str = "demo"
     hidden_size: int = 128
     num_layers: int = 4
     num_heads: int = 4
     intermediate_size: int = 384
     pretrain_steps: int = 2500
     pretrain_lr: float = 3e-3
-    adapter_steps: int = 600  # at most (the cosine schedule's length); see adapter_target
-    adapter_target: float = 0.99  # stop once the last 30 training batches (fresh samples) reach it
+    batch_size: int = 64
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """What the demo trains on top of the shipped base: one LoRA per task and the router, and the size
+    of the evaluation. `Recipe()` is the full demo, `Recipe.smoke()` the test-sized one.
+
+    Measured with one thread (CPU seconds of the process on a busy 2-core machine, about the wall time
+    of an idle one): the five adapters, the router and the evaluation take ~110 s, for 94% oracle exact
+    match on average (sort 78%, add 92%, the others 100%); at most 300 steps: ~125 s and 96%. The cap
+    is also the cosine schedule's length, and a short schedule anneals sooner: at most 600 steps (and
+    a 99% target) took ~250 s for 99%. The add adapter stays under 10% for ~150 steps and then jumps
+    past 80%: with at most 200 steps it ended at 10%.
+    """
+
+    name: str = "demo"
+    adapter_steps: int = 250  # at most (the cosine schedule's length); see adapter_target
+    adapter_target: float = 0.97  # stop once the last 30 training batches (fresh samples) reach it
     adapter_lr: float = 1e-2
     lora_rank: int = 8
     lora_alpha: int = 16
@@ -48,13 +66,51 @@ class Recipe:
     eval_per_task: int = 50
     router_prompts_per_task: int = 300
     tasks: tuple[str, ...] = ("reverse", "sort", "add", "caesar", "double")
-    seed: int = 0
+    seed: int = 0  # seeds the adapters, the router and their data streams (the base is fixed)
 
     @classmethod
     def smoke(cls) -> Recipe:
-        return cls(name="smoke", hidden_size=96, num_layers=2, num_heads=4, intermediate_size=192,
-                   pretrain_steps=300, adapter_steps=200, batch_size=32, eval_per_task=12,
+        return cls(name="smoke", adapter_steps=60, adapter_target=0.9, batch_size=32, eval_per_task=12,
                    router_prompts_per_task=60, tasks=("reverse", "caesar"))
+
+
+@contextlib.contextmanager
+def reproducible(seed: int) -> Iterator[None]:
+    """Run the block with one torch thread, deterministic algorithms and the global RNG seeded with
+    `seed`; restore all three afterwards.
+
+    Why each: the float sums of a training step depend on how its work is split between threads, and a
+    different rounding early in training ends it at a different step (early stopping) with different
+    weights; the global RNG (LoRA initialisation, the router's dropout) would otherwise carry whatever
+    ran before in the process, e.g. depend on which artifacts were cached.
+    """
+    threads = torch.get_num_threads()
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        torch.set_num_threads(1)
+        torch.use_deterministic_algorithms(True)
+        try:
+            yield
+        finally:
+            torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)
+            torch.set_num_threads(threads)
+
+
+@contextlib.contextmanager
+def quiet_transformers() -> Iterator[None]:
+    """No transformers progress bars in the block: its "Loading weights" and "Writing model shards"
+    bars of a one-file model say nothing and add lines to every log."""
+    from transformers.utils import logging as hf_logging
+
+    enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if enabled:
+            hf_logging.enable_progress_bar()
 
 
 def build_tokenizer(out_dir: str | Path | None = None):
@@ -90,7 +146,7 @@ def load_tokenizer(directory: str | Path):
     return tokenizer
 
 
-def build_base_model(tokenizer, recipe: Recipe):
+def build_base_model(tokenizer, recipe: BaseRecipe):
     """A randomly initialised LlamaForCausalLM sized by `recipe`, tied embeddings, fp32."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -160,7 +216,8 @@ def train_causal_lm(model, tokenizer, examples: Iterator[tuple[str, str]], *, st
     loss_avg = float("nan")
     recent: deque[float] = deque(maxlen=window)
     exact = 0.0
-    bar = tqdm(range(steps), desc=desc, unit="step", leave=False, dynamic_ncols=True)
+    # disable=None: a bar on a terminal, nothing in a log file
+    bar = tqdm(range(steps), desc=desc, unit="step", leave=False, dynamic_ncols=True, disable=None)
     done = 0
     for step in bar:
         done = step + 1
@@ -183,6 +240,25 @@ def train_causal_lm(model, tokenizer, examples: Iterator[tuple[str, str]], *, st
     return TrainLog(steps=done, loss=loss_avg, exact_match=exact)
 
 
+def pretrain_base(out_dir: str | Path, recipe: BaseRecipe, log=print) -> str:
+    """Pretrain the demo's base model from `recipe` and save it with its tokenizer to `out_dir`
+    (save_pretrained, safetensors). The same recipe and versions give the same bytes. Returns a note."""
+    from . import tasks
+
+    with reproducible(recipe.seed):
+        tokenizer = build_tokenizer(out_dir)
+        model = build_base_model(tokenizer, recipe)
+        n = sum(p.numel() for p in model.parameters())
+        log(f"pretraining a {n / 1e6:.2f}M-parameter char-level Llama on string primitives "
+            f"({', '.join(tasks.PRIMITIVES)}): {recipe.pretrain_steps} steps of {recipe.batch_size}")
+        primitives = tasks.stream(list(tasks.PRIMITIVES.values()), recipe.seed)
+        done = train_causal_lm(model, tokenizer, primitives, steps=recipe.pretrain_steps,
+                               lr=recipe.pretrain_lr, batch_size=recipe.batch_size, desc="pretrain base")
+    with quiet_transformers():
+        model.save_pretrained(str(out_dir), safe_serialization=True)
+    return f"{done.exact_match:.1%} exact match on fresh primitive samples"
+
+
 def lora_config(recipe: Recipe):
     from peft import LoraConfig
 
@@ -194,18 +270,18 @@ def train_adapter(base_dir: str | Path, tokenizer, task: StringTask, examples, r
                   out_dir: str | Path) -> TrainLog:
     """Train one rank-r LoRA on all seven projections of the base for `task` (at most
     recipe.adapter_steps, fewer once it answers recipe.adapter_target of fresh samples exactly);
-    save it in PEFT format."""
+    save it in PEFT format. Seeded by recipe.seed and the task's name, whatever ran before."""
     from peft import get_peft_model
     from transformers import AutoModelForCausalLM
 
-    torch.manual_seed(recipe.seed + 1 + sum(map(ord, task.name)))
     base = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32)
-    with warnings.catch_warnings():
-        # peft 0.21 calls a transformers 5 method that is deprecated; nothing the demo can act on
-        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-        model = get_peft_model(base, lora_config(recipe))
-    log = train_causal_lm(model, tokenizer, examples, steps=recipe.adapter_steps, lr=recipe.adapter_lr,
-                          batch_size=recipe.batch_size, desc=f"adapter {task.name}",
-                          target_exact_match=recipe.adapter_target)
+    with reproducible(recipe.seed + 1 + sum(map(ord, task.name))):
+        with warnings.catch_warnings():
+            # peft 0.21 calls a transformers 5 method that is deprecated; nothing the demo can act on
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+            model = get_peft_model(base, lora_config(recipe))
+        log = train_causal_lm(model, tokenizer, examples, steps=recipe.adapter_steps, lr=recipe.adapter_lr,
+                              batch_size=recipe.batch_size, desc=f"adapter {task.name}",
+                              target_exact_match=recipe.adapter_target)
     model.save_pretrained(str(out_dir))
     return log

@@ -16,30 +16,15 @@ from __future__ import annotations
 
 import contextlib
 import random
-import time
 from dataclasses import dataclass, field
 
 import torch
-from transformers import LogitsProcessor
+
+from ..bench.timing import StepClock
 
 METHODS = ("base", "oracle", "dlp")
 LORAFLOW = "loraflow"  # a fourth method, where evaluate_composite is given a LoRA-Flow model
 METHOD_TITLES = {"base": "base", "oracle": "oracle LoRA", "dlp": "DLP-LoRA", "loraflow": "LoRA-Flow"}
-
-
-class DecodeClock(LogitsProcessor):
-    """Timestamps every generation step (one call per step) and leaves the scores unchanged."""
-
-    def __init__(self):
-        self.stamps: list[float] = []
-
-    def __call__(self, input_ids, scores):
-        self.stamps.append(time.perf_counter())
-        return scores
-
-    def decode_seconds(self) -> tuple[float, int]:
-        """(seconds, steps) between the first and the last decode step."""
-        return (self.stamps[-1] - self.stamps[0], len(self.stamps) - 1) if len(self.stamps) > 1 else (0.0, 0)
 
 
 @dataclass
@@ -92,7 +77,7 @@ def exact_match(answers: list[str], targets: list[str]) -> list[bool]:
 def _generate(model, tokenizer, prompts: list[str], max_new_tokens: int) -> tuple[list[str], float, int]:
     """Greedy continuations (cut at EOS) and the decode (seconds, steps) of this call."""
     enc = tokenizer(prompts, return_tensors="pt", padding=True)
-    clock = DecodeClock()
+    clock = StepClock(enc["input_ids"].device)
     out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, logits_processor=[clock],
                          pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
     texts = tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
@@ -143,7 +128,8 @@ def evaluate_composite(model, tokenizer, bank, router, rows: list[tuple[str, str
         steps[method] += n
 
     batches = [rows[i: i + batch_size] for i in range(0, len(rows), batch_size)]
-    for batch in tqdm(batches, desc="composite eval", unit="batch", disable=not progress, leave=False):
+    for batch in tqdm(batches, desc="composite eval", unit="batch", disable=None if progress else True,
+                      leave=False):
         names, prompts, targets = zip(*batch, strict=True)
         answers: dict[str, list[str]] = {}
         run("base", list(prompts))

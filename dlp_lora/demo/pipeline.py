@@ -1,8 +1,9 @@
 """The demo end to end: build (or reuse) the artifacts, run the composite evaluation, report it.
 
-Artifacts live in a cache directory keyed by the recipe, so a second run only evaluates:
+The base model is the shipped one (dlp_lora/demo/base-model/, see shipped.py), checked against its sha256.
+What is trained on it lives in a cache directory keyed by the recipe, the base's sha256 and the code
+that trains, so a second run only evaluates:
 
-    <cache>/<recipe key>/model/              tokenizer + pretrained LlamaForCausalLM (save_pretrained)
     <cache>/<recipe key>/adapters/<task>/    one PEFT LoRA per task (save_pretrained)
     <cache>/<recipe key>/router/             the trained router (Router.save)
 
@@ -17,6 +18,7 @@ import hashlib
 import json
 import os
 import shutil
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -26,7 +28,7 @@ import torch
 
 from .._env import DEMO_DIR_ENV
 from ..bench.provenance import load_average, machine_info, timestamp, versions
-from . import build, tasks
+from . import build, shipped, tasks
 from .evaluate import METHOD_TITLES, CompositeResult, evaluate_composite, shuffled_composite
 
 DEFAULT_CACHE = Path(".cache") / "dlp_demo"
@@ -48,11 +50,13 @@ class DemoArtifacts:
         return self.root / "build_log.json"
 
 
-def recipe_key(recipe: build.Recipe) -> str:
-    """Hash of the recipe and of the code that turns it into artifacts (task definitions, training), so
-    an edited task or schedule never reuses artifacts built by the old one."""
+def recipe_key(recipe: build.Recipe, base_dir: Path) -> str:
+    """Hash of the recipe, of the base's sha256 manifest and of the code that turns them into artifacts
+    (task definitions, training, the data streams' seeds below), so an edited task, schedule or base
+    never reuses artifacts built by the old one."""
     digest = hashlib.sha256(json.dumps(dataclasses.asdict(recipe), sort_keys=True).encode())
-    for module in (tasks, build):
+    digest.update((base_dir / shipped.MANIFEST).read_bytes())
+    for module in (tasks, build, sys.modules[__name__]):
         digest.update(Path(module.__file__).read_bytes())
     return digest.hexdigest()[:12]
 
@@ -99,32 +103,20 @@ def _build_once(art: DemoArtifacts, path: Path, make: Callable[[Path], str], lab
 
 def prepare(recipe: build.Recipe, root: str | Path | None = None, *, log: Callable[[str], None] = print
             ) -> DemoArtifacts:
-    """Build whatever is missing of tokenizer+base model, adapters and router; return their paths."""
-    root = cache_dir(root) / f"{recipe.name}-{recipe_key(recipe)}"
+    """Check the shipped base, build whatever is missing of the adapters and the router; return their
+    paths. Raises shipped.BaseModelError if a file of the base does not match its sha256."""
+    base_dir = shipped.verified_base()
+    root = cache_dir(root) / f"{recipe.name}-{recipe_key(recipe, base_dir)}"
     adapters = {t: root / "adapters" / t for t in recipe.tasks}
-    art = DemoArtifacts(root, root / "model", adapters, root / "router")
+    art = DemoArtifacts(root, base_dir, adapters, root / "router")
     if art.build_log_path.is_file():
         art.build_log = json.loads(art.build_log_path.read_text())
     held_out = {prompt for _, prompt, _ in eval_rows(recipe)}
 
-    def make_base(out: Path) -> str:
-        log(f"[1/3] pretraining a char-level Llama on string primitives ({', '.join(tasks.PRIMITIVES)})")
-        tokenizer = build.build_tokenizer(out)
-        model = build.build_base_model(tokenizer, recipe)
-        n = sum(p.numel() for p in model.parameters())
-        log(f"      {n / 1e6:.2f}M parameters, {recipe.pretrain_steps} steps of {recipe.batch_size}")
-        primitives = tasks.stream(list(tasks.PRIMITIVES.values()), recipe.seed)
-        done = build.train_causal_lm(model, tokenizer, primitives, steps=recipe.pretrain_steps,
-                                     lr=recipe.pretrain_lr, batch_size=recipe.batch_size,
-                                     desc="pretrain base")
-        model.save_pretrained(str(out))
-        return f"{done.exact_match:.1%} exact match on fresh primitive samples"
-
-    _build_once(art, art.model_dir, make_base, "base model", log=log)
     tokenizer = build.load_tokenizer(art.model_dir)
 
     if not all(path.is_dir() for path in art.adapters.values()):
-        log(f"[2/3] training one rank-{recipe.lora_rank} PEFT LoRA per task on all seven projections "
+        log(f"[1/2] training one rank-{recipe.lora_rank} PEFT LoRA per task on all seven projections "
             f"(until {recipe.adapter_target:.1%} exact match, at most {recipe.adapter_steps} steps)")
     for i, name in enumerate(recipe.tasks):
         task = tasks.TASKS[name]
@@ -137,15 +129,17 @@ def prepare(recipe: build.Recipe, root: str | Path | None = None, *, log: Callab
         _build_once(art, art.adapters[name], make_adapter, f"adapter {name}", log=log)
 
     def make_router(out: Path) -> str:
-        log("[3/3] training the router on the tasks' prompts")
+        log("[2/2] training the router on the tasks' prompts")
         texts, labels = [], []
         for i, name in enumerate(recipe.tasks):
             stream = tasks.stream([tasks.TASKS[name]], recipe.seed + 100 + i, exclude=held_out)
             texts += [next(stream)[0] for _ in range(recipe.router_prompts_per_task)]
             labels += [name] * recipe.router_prompts_per_task
-        router = Router.fit(texts, labels, tokenizer, val_fraction=0.1, seed=recipe.seed, verbose=True)
+        # the global RNG drives the router's dropout: seed it here, whatever was built before
+        with build.reproducible(recipe.seed + 100):
+            router = Router.fit(texts, labels, tokenizer, val_fraction=0.1, seed=recipe.seed, verbose=False)
         router.save(out)
-        return f"{len(texts)} prompts"
+        return f"{len(texts)} prompts, {router.val_accuracy:.1%} held-out accuracy"
 
     from ..router import Router
 
@@ -156,6 +150,12 @@ def prepare(recipe: build.Recipe, root: str | Path | None = None, *, log: Callab
 def run(recipe: build.Recipe, *, cache: str | Path | None = None, out: str | Path = "demo_out",
         top_p: float = 0.6, log: Callable[[str], None] = print) -> tuple[CompositeResult, Path]:
     """Prepare the artifacts, evaluate the shuffled composite, print the table, write JSON + PNG."""
+    with build.quiet_transformers():
+        return _run(recipe, cache, out, top_p, log)
+
+
+def _run(recipe: build.Recipe, cache: str | Path | None, out: str | Path, top_p: float,
+         log: Callable[[str], None]) -> tuple[CompositeResult, Path]:
     from transformers import AutoModelForCausalLM
 
     from ..bank import LoRABank
@@ -171,6 +171,7 @@ def run(recipe: build.Recipe, *, cache: str | Path | None = None, out: str | Pat
               else f"built in {setup_seconds:.0f} s")
     log(f"artifacts in {art.root} ({status})")
 
+    base = shipped.read_manifest(art.model_dir)
     tokenizer = build.load_tokenizer(art.model_dir)
     model = AutoModelForCausalLM.from_pretrained(str(art.model_dir), dtype=torch.float32).eval()
     bank = LoRABank.from_peft(art.adapters)
@@ -190,7 +191,10 @@ def run(recipe: build.Recipe, *, cache: str | Path | None = None, out: str | Pat
         "created": timestamp(),
         **result.to_json(),
         "top_p": top_p,
-        "recipe": dataclasses.asdict(recipe),
+        # hidden_size: the README's caption names the base's width
+        "recipe": {**dataclasses.asdict(recipe), "hidden_size": base["recipe"]["hidden_size"],
+                   "base": base["recipe"]},
+        "base_model": {"sha256": base["files"]["model.safetensors"], "note": base["note"]},
         "artifacts": str(art.root),
         "build_log": art.build_log,
         # wall seconds; CPU seconds (all threads) tell a busy machine from a slow step
@@ -208,14 +212,14 @@ def run(recipe: build.Recipe, *, cache: str | Path | None = None, out: str | Pat
 
 
 def time_summary(build_seconds: dict[str, float | None], setup: float, evaluation: float) -> str:
-    """e.g. 'setup 412 s (base model 190 s, adapters 6 x 33 s, router 4 s) + evaluation 38 s'."""
+    """e.g. 'setup 92 s (adapters 5 x 17 s, router 3 s) + evaluation 4 s'."""
     built = {k: v for k, v in build_seconds.items() if v is not None}
     if not built:
         return f"setup {setup:.0f} s (every artifact cached) + evaluation {evaluation:.0f} s"
     adapters = [v for k, v in built.items() if k.startswith("adapter ")]
     parts = [f"{k} {v:.0f} s" for k, v in built.items() if not k.startswith("adapter ")]
     if adapters:
-        parts.insert(min(1, len(parts)), f"adapters {len(adapters)} x {sum(adapters) / len(adapters):.0f} s")
+        parts.insert(0, f"adapters {len(adapters)} x {sum(adapters) / len(adapters):.0f} s")
     return f"setup {setup:.0f} s ({', '.join(parts)}) + evaluation {evaluation:.0f} s"
 
 

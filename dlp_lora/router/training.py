@@ -9,7 +9,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .model import Router, _check_label_names, _check_texts, _encode
+from .inputs import _check_label_names, _check_texts, _encode
 
 __all__ = ["train_router"]
 
@@ -51,7 +51,7 @@ class _BagDataset:
     front, so a batch drops the columns that are "no feature" in all its rows (most sentences
     are much shorter than the longest one). targets: [n] int64 label indices."""
 
-    def __init__(self, router: Router, tokenizer, texts: list[str], targets: list[int], max_length: int):
+    def __init__(self, router: nn.Module, tokenizer, texts: list[str], targets: list[int], max_length: int):
         ids, mask = _encode(tokenizer, texts, max_length)
         bags = router.features(ids, mask)
         self.n_feats = (bags != router.num_buckets).sum(dim=2)  # [n, 2]
@@ -68,7 +68,7 @@ class _BagDataset:
         return self.bags[rows, :, :width].to(device), self.targets[rows].to(device)
 
     @torch.no_grad()
-    def accuracy(self, router: Router, rows: torch.Tensor, device, chunk: int = 1024) -> float:
+    def accuracy(self, router: nn.Module, rows: torch.Tensor, device, chunk: int = 1024) -> float:
         correct = 0
         for i in range(0, len(rows), chunk):
             x, y = self.batch(rows[i:i + chunk], device)
@@ -76,12 +76,12 @@ class _BagDataset:
         return correct / len(rows)
 
 
-def train_router(cls: type[Router], texts: Sequence[str], labels: Sequence[str], tokenizer, *,
+def train_router(cls: type[nn.Module], texts: Sequence[str], labels: Sequence[str], tokenizer, *,
             label_names: Sequence[str] | None = None, val_fraction: float = 0.1, epochs: int | None = None,
             batch_size: int | None = None, lr: float = 1e-2, weight_decay: float = 0.01,
             feature_dropout: float = 0.2, max_length: int = 512, seed: int = 0, device=None,
-            verbose: bool = True, **arch) -> Router:
-        """Train a router on (text, label) pairs; also reachable as ``Router.fit(...)``.
+            verbose: bool = True, **arch) -> nn.Module:
+        """Train a new ``cls`` (a Router class) on (text, label) pairs; ``Router.fit(...)`` calls this.
 
         Args:
             texts: sentences or prompts; labels: their adapter (task) names, same length.

@@ -70,8 +70,8 @@ def load_engine(config: ServeConfig) -> CompletionEngine:
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
+    from ..artifacts import check_router_matches, load_tokenizer
     from ..bank import LoRABank
-    from ..cli import check_router_matches, load_tokenizer
     from ..patch import patch_model
     from ..router import Router
 
@@ -96,7 +96,7 @@ def load_front(config: ServeConfig):
     """What the HTTP front needs to validate requests without the model: (tokenizer, ServedModels)."""
     from transformers import AutoConfig
 
-    from ..cli import load_tokenizer
+    from ..artifacts import load_tokenizer
     from .protocol import ServedModels
 
     tokenizer = load_tokenizer(Path(config.model), "--model")
