@@ -369,9 +369,19 @@ def render_demo(path: Path) -> str:
     head = (f"**Composite-{len(data['tasks'])} demo** (`make demo`): shuffled prompts of every task, greedy "
             f"decoding, exact match; DLP-LoRA = router + top-p {data.get('top_p')} fusion "
             f"({data.get('dlp_adapters_per_prompt', 0):.2f} adapters per prompt on average). "
-            f"Char-level Llama, hidden {recipe.get('hidden_size')}, rank-{recipe.get('lora_rank')} LoRAs; "
+            + _demo_loraflow_caption(data.get("loraflow"))
+            + f"Char-level Llama, hidden {recipe.get('hidden_size')}, rank-{recipe.get('lora_rank')} LoRAs; "
             f"{setup}, evaluation {seconds.get('evaluation', 0):.0f} s.")
     return "\n".join([head, "", _provenance(data, path), "", md_table(header, rows)])
+
+
+def _demo_loraflow_caption(flow: dict | None) -> str:
+    if not flow:
+        return ""
+    return (f"LoRA-Flow = a gate per decoder layer weighting all {len(flow['candidates'])} task adapters "
+            f"at every token, trained ({flow['epochs']} epochs, lr {flow['lr']:g}, batch "
+            f"{flow['batch_size']}) on {flow['examples_per_task']} examples per task with the base and the "
+            f"adapters frozen. ")
 
 
 # ----------------------------------------------------------------------------- LoRA-Flow (bench --loraflow)

@@ -18,7 +18,9 @@ import torch
 
 from dlp_lora.demo import build, pipeline, shipped, tasks
 from dlp_lora.demo.__main__ import main
-from dlp_lora.demo.evaluate import METHODS
+from dlp_lora.demo.evaluate import LORAFLOW, METHODS
+
+ALL_METHODS = (*METHODS, LORAFLOW)  # the demo evaluates LoRA-Flow too
 
 
 @pytest.fixture(scope="module")
@@ -93,12 +95,14 @@ def test_table_has_one_row_per_task_plus_average(smoke):
     rows = result.table_rows()
     assert [r["task"] for r in rows] == [*result.tasks, "average"]
     assert sorted(result.tasks) == sorted(recipe.tasks)
-    assert all(set(r) == {"task", "n", *METHODS, "router"} for r in rows)
+    assert result.methods == ALL_METHODS
+    assert all(set(r) == {"task", "n", *ALL_METHODS, "router"} for r in rows)
     assert [r["n"] for r in rows] == [recipe.eval_per_task] * len(recipe.tasks) + [recipe.eval_per_task * 2]
     text = pipeline.format_table(result)
-    for title in ("base EM%", "oracle LoRA EM%", "DLP-LoRA EM%", "router acc%", "DLP-LoRA time"):
+    for title in ("base EM%", "oracle LoRA EM%", "DLP-LoRA EM%", "LoRA-Flow EM%", "router acc%",
+                  "DLP-LoRA time", "LoRA-Flow time"):
         assert title in text
-    assert all(result.decode_ms_per_token[m] > 0 for m in METHODS)
+    assert all(result.decode_ms_per_token[m] > 0 for m in ALL_METHODS)
 
 
 def test_oracle_beats_base(smoke):
@@ -111,6 +115,8 @@ def test_results_written_and_second_run_reuses_the_cache(smoke, capsys):
     payload = json.loads((out / "composite.json").read_text())
     assert payload["rows"] == result.table_rows()
     assert payload["base_model"]["sha256"] == shipped.read_manifest()["files"]["model.safetensors"]
+    assert payload["loraflow"]["candidates"] == list(result.tasks)
+    assert "loraflow gates" in payload["build_log"]
     assert (out / "composite.png").stat().st_size > 0
     # the second run through the command line finds every artifact cached and only evaluates
     assert main(["--smoke", "--cache-dir", str(root / "cache"), "--out", str(root / "out2")]) == 0
@@ -123,8 +129,8 @@ def test_results_written_and_second_run_reuses_the_cache(smoke, capsys):
     assert set(payload["seconds"]["first_build"]) == set(payload["seconds"]["build"])
     assert all(v > 0 for v in payload["seconds"]["first_build"].values())
     # greedy decoding of the same artifacts: the same exact-match table
-    assert [{k: r[k] for k in ("task", *METHODS)} for r in second["rows"]] == \
-        [{k: r[k] for k in ("task", *METHODS)} for r in payload["rows"]]
+    assert [{k: r[k] for k in ("task", *ALL_METHODS)} for r in second["rows"]] == \
+        [{k: r[k] for k in ("task", *ALL_METHODS)} for r in payload["rows"]]
 
 
 def test_readme_table_from_the_demo_json(smoke):

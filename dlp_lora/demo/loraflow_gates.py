@@ -10,6 +10,8 @@ encoded as the adapters were trained (BOS prompt answer EOS).
 
 from __future__ import annotations
 
+import hashlib
+import json
 import random
 import time
 from collections.abc import Callable, Sequence
@@ -17,6 +19,7 @@ from pathlib import Path
 
 from torch import nn
 
+from ..bench import loraflow
 from ..bench.baselines import stacks_from_bank
 from ..bench.loraflow import load_gates, patch_loraflow, save_gates, train_gates
 from ..bench.workload import shared_copy
@@ -26,6 +29,21 @@ EXAMPLES_PER_TASK = 200  # the most LoRA-Flow's gates see of each task
 EPOCHS = 2
 LR = 1e-3
 BATCH_SIZE = 4
+
+
+def settings(per_task: int) -> dict:
+    """What the gates are trained with, for the result file."""
+    return {"examples_per_task": per_task, "epochs": EPOCHS, "lr": LR, "batch_size": BATCH_SIZE,
+            "optimizer": "AdamW(betas=(0.9, 0.95), eps=1e-5)", "gate_init": "zeros", "temperature": 1.0}
+
+
+def gates_key(per_task: int) -> str:
+    """Hash of the settings and of the code that trains the gates: the name of their cache folder, so
+    edited gate code retrains only the gates, not the adapters they sit on."""
+    digest = hashlib.sha256(json.dumps(settings(per_task), sort_keys=True).encode())
+    for path in (__file__, loraflow.__file__):
+        digest.update(Path(path).read_bytes())
+    return digest.hexdigest()[:12]
 
 
 def gate_examples(tokenizer, task_names: Sequence[str], seed: int, exclude: set[str],

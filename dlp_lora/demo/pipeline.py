@@ -6,6 +6,7 @@ that trains, so a second run only evaluates:
 
     <cache>/<recipe key>/adapters/<task>/    one PEFT LoRA per task (save_pretrained)
     <cache>/<recipe key>/router/             the trained router (Router.save)
+    <cache>/<recipe key>/loraflow_gates-<key>/  LoRA-Flow's gates over the adapters (loraflow_gates.py)
 
 Each one is written to a temporary sibling and renamed when complete, so an interrupted run never
 leaves a half-written artifact that a later run would trust.
@@ -28,7 +29,7 @@ import torch
 
 from .._env import DEMO_DIR_ENV
 from ..bench.provenance import load_average, machine_info, timestamp, versions
-from . import build, shipped, tasks
+from . import build, loraflow_gates, shipped, tasks
 from .evaluate import METHOD_TITLES, CompositeResult, evaluate_composite, shuffled_composite
 
 DEFAULT_CACHE = Path(".cache") / "dlp_demo"
@@ -41,6 +42,7 @@ class DemoArtifacts:
     model_dir: Path
     adapters: dict[str, Path]
     router_dir: Path
+    gates_dir: Path | None = None  # LoRA-Flow's trained gates
     seconds: dict[str, float | None] = field(default_factory=dict)  # build step -> seconds (None = cached)
     # build step -> {"seconds", "note", "created"} of the run that built it (cached runs report it too)
     build_log: dict[str, dict] = field(default_factory=dict)
@@ -103,8 +105,9 @@ def _build_once(art: DemoArtifacts, path: Path, make: Callable[[Path], str], lab
 
 def prepare(recipe: build.Recipe, root: str | Path | None = None, *, log: Callable[[str], None] = print
             ) -> DemoArtifacts:
-    """Check the shipped base, build whatever is missing of the adapters and the router; return their
-    paths. Raises shipped.BaseModelError if a file of the base does not match its sha256."""
+    """Check the shipped base, build whatever is missing of the adapters, the router and LoRA-Flow's
+    gates; return their paths. Raises shipped.BaseModelError if a file of the base does not match its
+    sha256."""
     base_dir = shipped.verified_base()
     root = cache_dir(root) / f"{recipe.name}-{recipe_key(recipe, base_dir)}"
     adapters = {t: root / "adapters" / t for t in recipe.tasks}
@@ -116,7 +119,7 @@ def prepare(recipe: build.Recipe, root: str | Path | None = None, *, log: Callab
     tokenizer = build.load_tokenizer(art.model_dir)
 
     if not all(path.is_dir() for path in art.adapters.values()):
-        log(f"[1/2] training one rank-{recipe.lora_rank} PEFT LoRA per task on all seven projections "
+        log(f"[1/3] training one rank-{recipe.lora_rank} PEFT LoRA per task on all seven projections "
             f"(until {recipe.adapter_target:.1%} exact match, at most {recipe.adapter_steps} steps)")
     for i, name in enumerate(recipe.tasks):
         task = tasks.TASKS[name]
@@ -129,7 +132,7 @@ def prepare(recipe: build.Recipe, root: str | Path | None = None, *, log: Callab
         _build_once(art, art.adapters[name], make_adapter, f"adapter {name}", log=log)
 
     def make_router(out: Path) -> str:
-        log("[2/2] training the router on the tasks' prompts")
+        log("[2/3] training the router on the tasks' prompts")
         texts, labels = [], []
         for i, name in enumerate(recipe.tasks):
             stream = tasks.stream([tasks.TASKS[name]], recipe.seed + 100 + i, exclude=held_out)
@@ -144,7 +147,33 @@ def prepare(recipe: build.Recipe, root: str | Path | None = None, *, log: Callab
     from ..router import Router
 
     _build_once(art, art.router_dir, make_router, "router", readable=Router.load, log=log)
+
+    # LoRA-Flow's budget: the router's prompts per task, capped at the ~200 examples its gates learn from
+    per_task = gate_examples_per_task(recipe)
+    art.gates_dir = root / f"loraflow_gates-{loraflow_gates.gates_key(per_task)}"
+
+    def make_gates(out: Path) -> str:
+        from transformers import AutoModelForCausalLM
+
+        from ..bank import LoRABank
+
+        log(f"[3/3] training LoRA-Flow's layer gates over the {len(recipe.tasks)} task adapters "
+            f"({per_task} examples per task)")
+        examples = loraflow_gates.gate_examples(tokenizer, recipe.tasks, recipe.seed, held_out, per_task)
+        model = AutoModelForCausalLM.from_pretrained(str(art.model_dir), dtype=torch.float32).eval()
+        model.requires_grad_(False)
+        with build.reproducible(recipe.seed + 200):
+            return loraflow_gates.train_demo_gates(model, LoRABank.from_peft(art.adapters), tokenizer,
+                                                   examples, out, seed=recipe.seed)
+
+    from ..bench.loraflow import read_gates_config
+
+    _build_once(art, art.gates_dir, make_gates, "loraflow gates", readable=read_gates_config, log=log)
     return art
+
+
+def gate_examples_per_task(recipe: build.Recipe) -> int:
+    return min(loraflow_gates.EXAMPLES_PER_TASK, recipe.router_prompts_per_task)
 
 
 def run(recipe: build.Recipe, *, cache: str | Path | None = None, out: str | Path = "demo_out",
@@ -176,10 +205,12 @@ def _run(recipe: build.Recipe, cache: str | Path | None, out: str | Path, top_p:
     model = AutoModelForCausalLM.from_pretrained(str(art.model_dir), dtype=torch.float32).eval()
     bank = LoRABank.from_peft(art.adapters)
     router = Router.load(art.router_dir)
+    flow = loraflow_gates.trained_loraflow_model(model, bank, art.gates_dir)
     rows = eval_rows(recipe)
-    log(f"evaluating the shuffled composite: {len(rows)} prompts x (base, oracle LoRA, DLP-LoRA), greedy")
+    log(f"evaluating the shuffled composite: {len(rows)} prompts x (base, oracle LoRA, DLP-LoRA, LoRA-Flow), "
+        "greedy")
     eval_start, eval_cpu_start = time.perf_counter(), time.process_time()
-    result = evaluate_composite(model, tokenizer, bank, router, rows, top_p=top_p)
+    result = evaluate_composite(model, tokenizer, bank, router, rows, top_p=top_p, loraflow=flow)
     eval_seconds, eval_cpu = time.perf_counter() - eval_start, time.process_time() - eval_cpu_start
 
     log("")
@@ -191,6 +222,8 @@ def _run(recipe: build.Recipe, cache: str | Path | None, out: str | Path, top_p:
         "created": timestamp(),
         **result.to_json(),
         "top_p": top_p,
+        "loraflow": {**loraflow_gates.settings(gate_examples_per_task(recipe)),
+                     "candidates": list(bank.names)},
         # hidden_size: the README's caption names the base's width
         "recipe": {**dataclasses.asdict(recipe), "hidden_size": base["recipe"]["hidden_size"],
                    "base": base["recipe"]},
@@ -245,7 +278,9 @@ def format_table(result: CompositeResult, top_p: float = 0.6) -> str:
     rule = "-" * len(fmt(header))
     ms = ", ".join(f"{METHOD_TITLES[m]} {result.decode_ms_per_token[m]:.2f}" for m in methods)
     title = (f"Composite-{len(result.tasks)} (shuffled, {sum(result.counts.values())} prompts, greedy): "
-             f"exact match; DLP-LoRA = router + top-p {top_p} fusion")
+             f"exact match; DLP-LoRA = router + top-p {top_p} fusion"
+             + ("; LoRA-Flow = trained layer gates over every adapter at every token"
+                if "loraflow" in result.methods else ""))
     body = [fmt(r) for r in lines]
     return "\n".join([title, rule, fmt(header), rule, *body[:-1], rule, body[-1], rule,
                       f"decode time per token in ms (ratio to base on the average row): {ms}",
