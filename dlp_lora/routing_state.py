@@ -1,8 +1,9 @@
 """Routing inside forward() and generate(): which adapters each row of the batch uses.
 
-A patched model holds one :class:`RoutingState` that every patched Linear reads (the hot path),
-and one :class:`SequenceRouting` that fills it before each forward, from a pre-forward hook on
-the top-level model (see dlp_lora/patch.py).
+A patched model holds one :class:`SequenceRouting`; before each forward its pre-forward hook on
+the top-level model fills the calling thread's :class:`RoutingState`, which every patched Linear
+reads (the hot path; see dlp_lora/patch.py). Per thread, so that concurrent callers of one model
+(a server's worker threads) never see each other's mixtures, use_mixture rows or routing log.
 
 Segments. The activations of a forward are flattened to rows [B*L, d]; row b*L + j is token j of
 sequence b. A segment is a run of rows with one mixture: one per sequence with
