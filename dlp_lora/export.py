@@ -43,6 +43,7 @@ import torch
 from ._atomic import atomic_directory
 from .adapters import CONFIG_NAME, PEFT_PREFIX, SAFETENSORS_NAME
 from .bank import LoRABank
+from .ops.reference import accumulation_dtype
 
 __all__ = ["export_mixture", "mixture_rank", "content_hash", "ExportError", "VLLM_MAX_LORA_RANKS"]
 
@@ -202,7 +203,7 @@ def _mixture_tensors(
     bank: LoRABank, kept: list[tuple[str, float]], dtype: torch.dtype, rank: int
 ) -> dict[str, torch.Tensor]:
     """PEFT-named lora_A [rank, d_in] / lora_B [d_out, rank] of ``dtype`` on the CPU, per targeted module."""
-    acc = torch.float64 if torch.float64 in (dtype, bank.dtype) else torch.float32
+    acc = accumulation_dtype(torch.promote_types(dtype, bank.dtype or dtype))  # float64 if either is
     tensors: dict[str, torch.Tensor] = {}
     for module_name, entry in bank.modules.items():
         ids = [(bank.index(name), w) for name, w in kept]
