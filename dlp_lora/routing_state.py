@@ -20,8 +20,11 @@ When the router runs (paper style, on the history):
   ``sentence``: when a token that ends a sentence arrives (and the token before it did not),
   the sequence is routed again on its history up to that token, and its mixture changes from
   that row on.
-A token ends a sentence when it decodes to text ending in . ! ? (or their CJK forms) or
-containing a newline; the table is built once from the tokenizer.
+The rules themselves (prompt spans, sentence boundaries, the router in bank space) are per request
+and live in dlp_lora.routing_policy; building the op's tensors of a step is dlp_lora.step_mapping;
+reading masks and caches is dlp_lora.model_inputs. This module applies them to the rows of one
+generate() call. A scheduler that batches requests itself routes them with routing_policy and
+hands each forward its StepRouting through ``SequenceRouting.scheduled``.
 
 Every routing decision is appended to ``model.dlp_routing_log`` as a :class:`RoutingRecord`;
 the log is cleared at each prefill, so it always describes the latest generation.
@@ -43,6 +46,7 @@ by hand with torch.cuda.graph() would not run the router at replay.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import threading
 from collections.abc import Sequence
@@ -50,16 +54,23 @@ from dataclasses import dataclass
 
 import torch
 
+from .model_inputs import check_not_empty, past_length, token_mask
 from .ops import check_routing_values, resolve_backend
-from .router.top_p import check_max_loras, check_top_p
+from .routing_policy import (
+    REROUTE_MODES,
+    Mixture,
+    MixtureRouter,
+    Route,
+    is_sentence_boundary,
+    prompt_spans,
+    sentence_end_ids,
+)
+from .step_mapping import StepRouting, mixture_tensors
 
-__all__ = ["REROUTE_MODES", "Route", "RoutingRecord", "RoutingState", "SequenceRouting", "sentence_end_ids"]
-
-REROUTE_MODES = ("prompt", "sentence")
-SENTENCE_END_CHARS = (".", "!", "?", "\u3002", "\uff01", "\uff1f")
-
-# A mixture in bank space: (adapter ids, weights), equal lengths; () = base model.
-Mixture = tuple[tuple[int, ...], tuple[float, ...]]
+__all__ = [
+    "REROUTE_MODES", "Route", "RoutingRecord", "RoutingState", "SequenceRouting", "past_length",
+    "sentence_end_ids", "token_mask",
+]
 
 
 @dataclass(frozen=True)
@@ -116,48 +127,6 @@ class RoutingState:
         self.backend = backend  # resolved op backend for the bank's device and dtype
 
 
-def sentence_end_ids(tokenizer) -> frozenset[int]:
-    """Ids of the tokens that end a sentence (see the module docstring); special tokens never do."""
-    vocab_size = len(tokenizer)
-    texts = tokenizer.batch_decode([[i] for i in range(vocab_size)])
-    special = set(getattr(tokenizer, "all_special_ids", []) or [])
-    return frozenset(
-        i
-        for i, text in enumerate(texts)
-        if i not in special and ("\n" in text or text.rstrip().endswith(SENTENCE_END_CHARS))
-    )
-
-
-def past_length(cache) -> int:
-    """Tokens already in a transformers cache (Cache object or legacy tuple); 0 for None."""
-    if cache is None:
-        return 0
-    if hasattr(cache, "get_seq_length"):
-        return int(cache.get_seq_length())
-    try:  # legacy tuple of (key, value) per layer, key [B, heads, past, head_dim]
-        return int(cache[0][0].shape[-2])
-    except (TypeError, IndexError, AttributeError):
-        return 0
-
-
-@dataclass(frozen=True)
-class Route:
-    """A batch row that the router routes, in ``use_mixture``: its own top_p / max_loras, or the patch's.
-
-    ``use_mixture(model, [Route(top_p=0.9), {"math": 1.0}])``: row 0 is routed (and re-routed at
-    sentence ends when patched with reroute="sentence") with top_p 0.9, row 1 uses a fixed mixture.
-    ``None`` in place of a Route means ``Route()``.
-    """
-
-    top_p: float | None = None
-    max_loras: int | None = None  # None: the patch's max_loras
-
-    def __post_init__(self):
-        if self.top_p is not None:
-            check_top_p(self.top_p)
-        check_max_loras(self.max_loras)
-
-
 # What use_mixture gives each row: a fixed mixture in bank space, or a Route.
 RowSpec = Mixture | Route
 
@@ -179,6 +148,7 @@ class _CallState(threading.local):
     histories: list[list[int] | None] | None = None  # sentence mode: each routed row's real tokens
     routes: list[RowSpec] | None = None  # each row's spec at the latest prefill
     seq_tensors = None  # (ids, weights, active) for ``current``, built when it changes
+    scheduled: StepRouting | None = None  # set by a scheduler that routes its requests itself
 
     def __init__(self):
         self.log = []
@@ -242,10 +212,9 @@ class SequenceRouting:
         # bound methods (not closures) so that copy.deepcopy(model) copies a consistent patch.
         self._probe_module = probe_module
         self._signature = forward_signature
-        self._label_to_bank = None
-        if router is not None:
-            to_bank = [self.names.index(label) for label in router.label_names]
-            self._label_to_bank = None if to_bank == list(range(len(to_bank))) else to_bank
+        self._mixture_router = (
+            None if router is None else MixtureRouter(self.names, router, top_p, max_loras)
+        )
         self._init_runtime()
 
     def _init_runtime(self) -> None:
@@ -296,18 +265,47 @@ class SequenceRouting:
             call.state, call.key = RoutingState(self._backend_name), key
             call.seg_cache.clear()
             call.seq_tensors = None
+        call.state.fast = not (torch.is_grad_enabled() or torch.is_autocast_enabled(device.type))
+        if call.scheduled is not None:
+            self._use_scheduled(call.state, call.scheduled, B * L)
+            return
         prefill = past_length(cache) == 0
         # Which tokens are real: from the prompt's mask at prefill; tokens fed while decoding are all real.
         attention_mask = token_mask(attention_mask, L) if prefill else None
-        call.state.fast = not (torch.is_grad_enabled() or torch.is_autocast_enabled(device.type))
         if prefill:
-            _check_not_empty(L, attention_mask)
+            check_not_empty(L, attention_mask)
             call.step = 0
             call.log = []
             self._prefill(call, self._rows(call.rows, B), input_ids, attention_mask, B, L, device)
         else:
             call.step += 1
             self._continue(call, input_ids, B, L, device)
+
+    @contextlib.contextmanager
+    def scheduled(self, step: StepRouting):
+        """Forwards of this thread inside use ``step`` as it is: no router call, no log, no row state.
+
+        For a scheduler that routes its requests itself (dlp_lora.routing_policy) and maps each step
+        (dlp_lora.step_mapping): a forward's B*L rows must be step.num_tokens.
+        """
+        call = self.call
+        previous, call.scheduled = call.scheduled, step
+        try:
+            yield
+        finally:
+            call.scheduled = previous
+
+    @staticmethod
+    def _use_scheduled(state: RoutingState, step: StepRouting, num_tokens: int) -> None:
+        if num_tokens != step.num_tokens:
+            raise RuntimeError(
+                f"dlp-lora: the scheduled step routes {step.num_tokens} tokens, the forward has {num_tokens}"
+            )
+        state.seg_indptr, state.lora_ids = step.seg_indptr, step.lora_ids
+        state.lora_weights = step.lora_weights
+        state.last_seg_indptr, state.last_lora_ids = step.last_seg_indptr, step.last_lora_ids
+        state.last_lora_weights = step.last_lora_weights
+        state.num_tokens, state.num_sequences, state.active = step.num_tokens, step.num_sequences, step.active
 
     def _rows(self, rows: list[RowSpec] | None, B: int) -> list[RowSpec]:
         """Each row's spec for a batch of B: use_mixture's rows (one broadcast to all), else routed."""
@@ -337,11 +335,7 @@ class SequenceRouting:
             cols = [j for j in range(L) if mask_host is None or mask_host[b][j]]
             tokens = [ids_host[b][j] for j in cols]
             histories[b] = tokens
-            starts = [0]
-            if self.reroute == "sentence":
-                starts += [i for i in range(1, len(tokens)) if self._is_boundary(tokens, i)]
-            for k, start in enumerate(starts):
-                end = starts[k + 1] if k + 1 < len(starts) else len(tokens)
+            for k, (start, end) in enumerate(prompt_spans(tokens, self.reroute, self.ender_ids)):
                 spans.append((b, 0 if k == 0 else cols[start], start, end))  # pads join the first span
         mixtures = self._route(
             [histories[b][:end] for b, _, _, end in spans], [rows[b] for b, _, _, _ in spans]
@@ -428,42 +422,11 @@ class SequenceRouting:
             )
 
     def _is_boundary(self, tokens: list[int], i: int) -> bool:
-        # The first of a run of enders ("...", "!?", "\n\n") starts the span; the rest stay in it.
-        return i > 0 and tokens[i] in self.ender_ids and tokens[i - 1] not in self.ender_ids
+        return is_sentence_boundary(tokens, i, self.ender_ids)
 
     def _route(self, token_lists: list[list[int]], routes: list[Route]) -> list[Mixture]:
         """Route each token list with its row's Route; one router call per distinct (top_p, max_loras)."""
-        groups: dict[tuple, list[int]] = {}
-        for i, route in enumerate(routes):
-            top_p = self.top_p if route.top_p is None else route.top_p
-            max_loras = self.max_loras if route.max_loras is None else route.max_loras
-            groups.setdefault((top_p, max_loras), []).append(i)
-        mixtures: list[Mixture | None] = [None] * len(token_lists)
-        for (top_p, max_loras), members in groups.items():
-            routed = self._route_group([token_lists[i] for i in members], top_p, max_loras)
-            for i, mixture in zip(members, routed, strict=True):
-                mixtures[i] = mixture
-        return mixtures
-
-    def _route_group(self, token_lists: list[list[int]], top_p: float, max_loras) -> list[Mixture]:
-        router_device = _module_device(self.router)
-        longest = max(len(tokens) for tokens in token_lists)
-        ids = torch.zeros(len(token_lists), longest, dtype=torch.long)
-        mask = torch.zeros(len(token_lists), longest, dtype=torch.long)
-        for i, tokens in enumerate(token_lists):
-            ids[i, : len(tokens)] = torch.tensor(tokens, dtype=torch.long)
-            mask[i, : len(tokens)] = 1
-        with torch.no_grad():
-            lora_ids, weights = self.router.route(
-                ids.to(router_device), mask.to(router_device), top_p=top_p, max_loras=max_loras
-            )
-        mixtures = []
-        for row_ids, row_weights in zip(lora_ids.tolist(), weights.tolist(), strict=True):
-            kept = [(i, w) for i, w in zip(row_ids, row_weights, strict=True) if i >= 0]
-            if self._label_to_bank is not None:
-                kept = [(self._label_to_bank[i], w) for i, w in kept]
-            mixtures.append((tuple(i for i, _ in kept), tuple(float(w) for _, w in kept)))
-        return mixtures
+        return self._mixture_router.route(token_lists, routes) if token_lists else []
 
     # --- building the op's routing tensors ---------------------------------------------------------
 
@@ -475,7 +438,7 @@ class SequenceRouting:
     def _use_sequence_segments(self, call: _CallState, B: int, L: int, device) -> None:
         """One segment per sequence with its current mixture: the decode fast path (cached tensors)."""
         if call.seq_tensors is None:
-            ids, weights = _mixture_tensors(call.current, device)
+            ids, weights = mixture_tensors(call.current, device)
             call.seq_tensors = (ids, weights, bool((ids >= 0).any()))
             check_routing_values(
                 self._seg_indptr(call, B, 1, device), ids, num_tokens=B, num_loras=len(self.names)
@@ -492,7 +455,7 @@ class SequenceRouting:
                       device) -> None:
         """Arbitrary segments [(first row, mixture)], sorted, the first at row 0."""
         seg_indptr = torch.tensor([row for row, _ in segments] + [B * L], dtype=torch.int32)
-        ids, weights = _mixture_tensors([mixture for _, mixture in segments], device)
+        ids, weights = mixture_tensors([mixture for _, mixture in segments], device)
         check_routing_values(seg_indptr, ids, num_tokens=B * L, num_loras=len(self.names))
         self._use_sequence_segments(call, B, L, device)  # fills last_* (each sequence's current mixture)
         state = call.state
@@ -521,63 +484,3 @@ class SequenceRouting:
                 call.step, sequence, position, tuple(self.names[i] for i in ids), tuple(weights), reason
             )
         )
-
-
-def _mixture_tensors(mixtures: Sequence[Mixture], device) -> tuple[torch.Tensor, torch.Tensor]:
-    """lora_ids [S, K] int32 (-1 padded) and lora_weights [S, K] float32 for S mixtures, K >= 1."""
-    K = max(1, max(len(ids) for ids, _ in mixtures))
-    ids = torch.full((len(mixtures), K), -1, dtype=torch.int32)
-    weights = torch.zeros(len(mixtures), K, dtype=torch.float32)
-    for s, (mix_ids, mix_weights) in enumerate(mixtures):
-        if mix_ids:
-            ids[s, : len(mix_ids)] = torch.tensor(mix_ids, dtype=torch.int32)
-            weights[s, : len(mix_ids)] = torch.tensor(mix_weights, dtype=torch.float32)
-    return ids.to(device), weights.to(device)
-
-
-def token_mask(attention_mask, length: int) -> torch.Tensor | None:
-    """[B, length] mask of the real tokens of a prefill from whatever mask the model got.
-
-    2-D masks (1 = token) are used as they are. transformers builds 4-D masks [B, 1, L, L_kv]
-    (bool: True = attend; float: 0 = attend) for compilable caches such as StaticCache: the last
-    query row of a prefill attends to exactly the real prompt tokens, at key positions [0, L).
-    A dict of masks (per attention type) is read through its full-attention entry.
-    """
-    if isinstance(attention_mask, dict):
-        attention_mask = attention_mask.get("full_attention", next(iter(attention_mask.values()), None))
-    if attention_mask is None:
-        return None
-    if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2:
-        return attention_mask[:, -length:]
-    if (
-        isinstance(attention_mask, torch.Tensor)
-        and attention_mask.dim() == 4
-        and attention_mask.shape[-1] >= length
-    ):
-        last_row = attention_mask[:, 0, -1, :length]
-        return last_row.long() if last_row.dtype == torch.bool else (last_row == 0).long()
-    raise NotImplementedError(
-        "dlp-lora: cannot tell padding from tokens with this attention_mask "
-        f"({type(attention_mask).__name__}{tuple(getattr(attention_mask, 'shape', ()))}); "
-        "pass a 2-D [batch, length] mask"
-    )
-
-
-def _check_not_empty(L: int, attention_mask) -> None:
-    if L == 0:
-        raise ValueError(
-            "dlp-lora: empty prompt (input_ids has length 0); the router needs at least one token"
-        )
-    if attention_mask is not None:
-        lengths = attention_mask.sum(-1).tolist()
-        empty = [b for b, n in enumerate(lengths) if n == 0]
-        if empty:
-            raise ValueError(
-                f"dlp-lora: empty prompt: sequence(s) {empty} have no tokens (attention_mask is all zero)"
-            )
-
-
-def _module_device(module) -> torch.device:
-    for tensor in (*module.parameters(), *module.buffers()) if isinstance(module, torch.nn.Module) else ():
-        return tensor.device
-    return torch.device("cpu")
