@@ -42,7 +42,9 @@ from .routing_state import (
     sentence_end_ids,
 )
 
-__all__ = ["patch_model", "unpatch_model", "use_mixture", "is_patched", "PatchError"]
+__all__ = [
+    "patch_model", "unpatch_model", "use_mixture", "is_patched", "PatchError", "routing_of", "row_specs",
+]
 
 BUFFER_A, BUFFER_B, STATE_ATTR = "dlp_lora_a", "dlp_lora_b", "dlp_routing"
 HANDLE_ATTR, LOG_ATTR = "_dlp_lora_patch", "dlp_routing_log"
@@ -282,6 +284,20 @@ def use_mixture(
         yield handle.routing.log_view
     finally:
         call.rows = previous
+
+
+def routing_of(model: nn.Module) -> SequenceRouting:
+    """The patched model's routing, for a scheduler that routes its requests itself and hands each
+    forward its step (``SequenceRouting.scheduled``)."""
+    handle = getattr(model, HANDLE_ATTR, None)
+    if handle is None:
+        raise PatchError("routing_of: the model is not patched (call patch_model first)")
+    return handle.routing
+
+
+def row_specs(model: nn.Module, mixtures) -> list[RowSpec]:
+    """use_mixture's entries checked and turned into bank space: a Route, or (bank ids, weights)."""
+    return _parse_mixtures(mixtures, routing_of(model).names)
 
 
 # --- validation (all before any change) ----------------------------------------------------------

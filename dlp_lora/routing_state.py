@@ -212,7 +212,7 @@ class SequenceRouting:
         # bound methods (not closures) so that copy.deepcopy(model) copies a consistent patch.
         self._probe_module = probe_module
         self._signature = forward_signature
-        self._mixture_router = (
+        self.mixture_router = (
             None if router is None else MixtureRouter(self.names, router, top_p, max_loras)
         )
         self._init_runtime()
@@ -426,7 +426,7 @@ class SequenceRouting:
 
     def _route(self, token_lists: list[list[int]], routes: list[Route]) -> list[Mixture]:
         """Route each token list with its row's Route; one router call per distinct (top_p, max_loras)."""
-        return self._mixture_router.route(token_lists, routes) if token_lists else []
+        return self.mixture_router.route(token_lists, routes) if token_lists else []
 
     # --- building the op's routing tensors ---------------------------------------------------------
 

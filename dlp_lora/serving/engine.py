@@ -54,6 +54,18 @@ class GenerationRow:
     top_p: float = 1.0
     seed: int | None = None
     on_text: Callable[[str], None] | None = field(default=None, repr=False, compare=False)
+    # Set by whoever stops waiting for the row (a closed stream, a cancelled call): the scheduler
+    # ends the row within a step and frees its place. Not sent along when the row is pickled.
+    cancelled: threading.Event = field(default_factory=threading.Event, repr=False, compare=False)
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        state.pop("cancelled", None)
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self.cancelled = threading.Event()
 
 
 @dataclass
@@ -104,6 +116,18 @@ class CompletionEngine:
         with self._tokenizer_lock:
             return self.tokenizer.decode(list(token_ids), skip_special_tokens=True)
 
+    def check_row(self, row: GenerationRow) -> None:
+        """ValueError naming what is wrong with a row before it runs."""
+        if not row.prompt_ids:
+            raise ValueError("empty prompt: it has no tokens")
+        if row.max_tokens < 1:
+            raise ValueError(f"max_tokens must be >= 1, got {row.max_tokens}")
+        if len(row.prompt_ids) + row.max_tokens > self.max_context:
+            raise ValueError(
+                f"prompt ({len(row.prompt_ids)} tokens) + max_tokens ({row.max_tokens}) exceed the "
+                f"model's context of {self.max_context} tokens"
+            )
+
     # --- batching ----------------------------------------------------------------------------------
 
     def run(self, rows: Sequence[GenerationRow]) -> list[RowResult | Exception]:
@@ -146,21 +170,13 @@ class CompletionEngine:
         lengths = [len(row.prompt_ids) for row in rows]
         width = max(lengths)
         for row in rows:
-            if not row.prompt_ids:
-                raise ValueError("empty prompt: it has no tokens")
-            if row.max_tokens < 1:
-                raise ValueError(f"max_tokens must be >= 1, got {row.max_tokens}")
-            if len(row.prompt_ids) + row.max_tokens > self.max_context:
-                raise ValueError(
-                    f"prompt ({len(row.prompt_ids)} tokens) + max_tokens ({row.max_tokens}) exceed the "
-                    f"model's context of {self.max_context} tokens"
-                )
+            self.check_row(row)
         input_ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
         attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
         for b, row in enumerate(rows):
             input_ids[b, width - len(row.prompt_ids):] = torch.tensor(row.prompt_ids, dtype=torch.long)
             attention_mask[b, width - len(row.prompt_ids):] = 1
-        trackers = [_RowTracker(row, self) for row in rows]
+        trackers = [RowTracker(row, self) for row in rows]
         options = dict(
             max_new_tokens=max(row.max_tokens for row in rows),
             pad_token_id=self.pad_id,
@@ -284,7 +300,7 @@ def _seeded(seed: int | None, device: torch.device):
         yield
 
 
-class _RowTracker:
+class RowTracker:
     """Follows one row's new tokens: EOS, max_tokens, stop strings, and the text to stream."""
 
     def __init__(self, row: GenerationRow, engine: CompletionEngine):
@@ -352,7 +368,7 @@ def _held_back(text: str, stops: Sequence[str]) -> int:
     return held
 
 
-def _stopping_criteria(trackers: list[_RowTracker]):
+def _stopping_criteria(trackers: list[RowTracker]):
     from transformers import StoppingCriteria, StoppingCriteriaList
 
     class RowStops(StoppingCriteria):
