@@ -130,6 +130,7 @@ def test_cancelled_row_frees_its_place_and_bad_rows_fail_alone(engine, oracle):
             bad.result(timeout=30)
         assert_same(other_future.result(timeout=60), _alone(oracle, sf.PROMPTS[4], other), "other")
         assert scheduler.counts() == {"running": 0, "waiting": 0}
+        assert scheduler.cancelled_rows == 1
     finally:
         scheduler.close()
 

@@ -11,11 +11,12 @@ Two deployments:
   rows to a model replica. Routes: POST /v1/completions (server-sent events with "stream": true),
   GET /v1/models, GET /health.
 * ``DLPLoRAModel`` (``replicas`` of them): each loads the model, the adapters (LoRABank) and the
-  router once and patches the model. Requests that arrive together (``@serve.batch``: up to
-  max_batch_size rows, waiting at most batch_wait_ms for the batch to fill), and all those that
-  arrived while the model was busy (BatchRunner), become one CompletionEngine.run: one left-padded
-  generate() per set of compatible decoding settings, in a worker thread so the replica keeps
-  accepting requests meanwhile. A request's prompts go to one replica together.
+  router once and patches the model. By default its rows are scheduled continuously
+  (ContinuousScheduler, in a worker thread): at every decode step finished rows leave the batch and
+  waiting rows join it, up to max_batch_size rows, each with its own mixture and routing. With
+  ``batching="static"``, requests that arrive together (``@serve.batch``, waiting at most
+  batch_wait_ms) and all those that arrived while the model was busy (BatchRunner) become one
+  CompletionEngine.run instead. A request's prompts go to one replica together.
 
 If a model replica dies under a request (a crash, a lost node, ``ray.kill``), the front sends the
 request again to another replica, so the client sees the answer, only later; a stream that had
@@ -51,6 +52,7 @@ from .protocol import (
     stream_chunk,
     usage,
 )
+from .scheduler import ContinuousScheduler
 
 __all__ = ["APP_NAME", "DLPLoRAModel", "DLPLoRAServer", "build_app"]
 
@@ -60,6 +62,7 @@ MIN_ONGOING_REQUESTS = 64
 # @serve.batch batches that may wait at once for the BatchRunner (their rows merge there).
 BATCHES_IN_FLIGHT = 8
 FRONT_ONGOING_REQUESTS = 1024
+BATCHING_MODES = ("continuous", "static")  # see DLPLoRAModel
 ATTEMPTS = 3  # tries of a request whose model replica died under it
 # A replica that died, or cannot be reached: the request may run again elsewhere.
 REPLICA_LOST = (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError)
@@ -69,23 +72,39 @@ api = FastAPI(title="dlp-lora", docs_url=None, redoc_url=None, openapi_url=None)
 
 @serve.deployment
 class DLPLoRAModel:
-    """One model replica. user_config: {"max_batch_size": int, "batch_wait_ms": float}."""
+    """One model replica. user_config: {"max_batch_size": int, "batch_wait_ms": float, "batching": str}.
+
+    batching "continuous" (the default): rows join and leave the running batch at every decode step
+    (ContinuousScheduler). "static": the rows that arrive together become one generate() that runs
+    until its longest row ends (BatchRunner; batch_wait_ms applies only here).
+    """
 
     def __init__(self, config: ServeConfig):
         self.engine = load_engine(config)
         self.runner = BatchRunner(self.engine, max_batch_size=8)
+        self.scheduler: ContinuousScheduler | None = None
+        self.batching = "continuous"
 
     def reconfigure(self, user_config: dict) -> None:
-        self.runner.max_batch_size = int(user_config["max_batch_size"])
-        self._generate.set_max_batch_size(self.runner.max_batch_size)
+        size = int(user_config["max_batch_size"])
+        self.batching = user_config.get("batching", "continuous")
+        self.runner.max_batch_size = size
+        self._generate.set_max_batch_size(size)
         self._generate.set_batch_wait_timeout_s(float(user_config["batch_wait_ms"]) / 1000.0)
+        if self.batching == "continuous":
+            if self.scheduler is None:
+                self.scheduler = ContinuousScheduler(self.engine, max_batch_size=size)
+            self.scheduler.max_batch_size = size
 
     async def complete(self, rows: list[GenerationRow]) -> list:
-        """The RowResult (or the exception) of every row, each row batched with whatever else arrives."""
-        return list(await asyncio.gather(*(self._generate(row) for row in rows)))
+        """The RowResult (or the exception) of every row, each row batched with whatever else runs."""
+        return list(await asyncio.gather(*(self._one(row) for row in rows)))
 
     async def stream(self, rows: list[GenerationRow]):
-        """Yields ("text", row index, piece) as text is generated and ("done", row index, result) per row."""
+        """Yields ("text", row index, piece) as text is generated and ("done", row index, result) per row.
+
+        Closing the stream (the client went away) cancels its rows: the scheduler frees their places.
+        """
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
         for index, row in enumerate(rows):
@@ -94,21 +113,43 @@ class DLPLoRAModel:
             row.on_text = lambda text, i=index: loop.call_soon_threadsafe(
                 events.put_nowait, ("text", i, text)
             )
+        tasks = []
         for index, row in enumerate(rows):
-            task = asyncio.ensure_future(self._generate(row))
+            task = asyncio.ensure_future(self._one(row))
             task.add_done_callback(lambda t, i=index: events.put_nowait(("done", i, _task_result(t))))
+            tasks.append(task)
         finished = 0
-        while finished < len(rows):
-            event = await events.get()
-            finished += event[0] == "done"
-            yield event
+        try:
+            while finished < len(rows):
+                event = await events.get()
+                finished += event[0] == "done"
+                yield event
+        finally:
+            for row, task in zip(rows, tasks, strict=True):
+                if not task.done():
+                    row.cancelled.set()
+                    task.cancel()
+
+    async def _one(self, row: GenerationRow):
+        """One row's RowResult, or its exception as a value; a cancelled call cancels the row."""
+        if self.scheduler is None or self.batching != "continuous":
+            return await self._generate(row)
+        try:
+            return await asyncio.wrap_future(self.scheduler.submit(row))
+        except asyncio.CancelledError:
+            row.cancelled.set()
+            raise
+        except Exception as error:  # noqa: BLE001 - reported per row, as the static path does
+            return error
 
     def health(self) -> dict:
-        return {
-            "replica": ray.get_runtime_context().get_actor_name(),
-            "generate_calls": self.engine.calls,
-            "call_sizes": {str(k): v for k, v in sorted(self.runner.call_sizes.items())},
-        }
+        """This replica's rows now (plain counts), and how many rows its steps / calls had."""
+        if self.scheduler is not None and self.batching == "continuous":
+            return {**self.scheduler.counts(), "batching": "continuous", "steps": self.scheduler.steps,
+                    "cancelled": self.scheduler.cancelled_rows,
+                    "step_sizes": {str(k): v for k, v in sorted(self.scheduler.step_sizes.items())}}
+        return {"running": None, "waiting": None, "batching": "static", "generate_calls": self.engine.calls,
+                "call_sizes": {str(k): v for k, v in sorted(self.runner.call_sizes.items())}}
 
     # Collects the rows that arrive together (within batch_wait_ms); batches formed while the model
     # is busy do not queue one behind another but merge in the runner (see BatchRunner).
@@ -257,13 +298,15 @@ def build_app(
     model_name: str | None = None,
     cpus_per_replica: int = 1,
     max_ongoing_requests: int | None = None,
+    batching: str = "continuous",
 ) -> serve.Application:
     """The Ray Serve application (``serve.run`` it, or compose it); checks every argument first.
 
     model / adapters / router: directories (on every node of a cluster). replicas: model replicas.
     device "cuda" gives each model replica one GPU; on "cpu" each reserves cpus_per_replica CPUs
     and uses as many torch threads (the front reserves none). top_p / max_loras: the router's
-    defaults (requests override them with routing_top_p, max_loras). model_name: what clients send
+    defaults (requests override them with routing_top_p, max_loras). batching: "continuous" or
+    "static" (see DLPLoRAModel). model_name: what clients send
     as `model` (default: the model directory's name). Raises ValueError on a bad argument or file.
     """
     for name, value in (("replicas", replicas), ("max_batch_size", max_batch_size),
@@ -273,6 +316,8 @@ def build_app(
     if isinstance(batch_wait_ms, bool) or not isinstance(batch_wait_ms, (int, float)) \
             or not math.isfinite(batch_wait_ms) or batch_wait_ms < 0:
         raise ValueError(f"batch_wait_ms must be a number >= 0, got {batch_wait_ms!r}")
+    if batching not in BATCHING_MODES:
+        raise ValueError(f"batching must be one of {BATCHING_MODES}, got {batching!r}")
     if reroute not in ("sentence", "prompt"):
         raise ValueError(f"reroute must be 'sentence' or 'prompt', got {reroute!r}")
     if not (device == "cpu" or device.startswith("cuda")):
@@ -297,7 +342,7 @@ def build_app(
         max_ongoing_requests=max_ongoing_requests
         or max(MIN_ONGOING_REQUESTS, BATCHES_IN_FLIGHT * max_batch_size),
         ray_actor_options={"num_gpus": 1} if gpu else {"num_cpus": cpus_per_replica},
-        user_config={"max_batch_size": max_batch_size, "batch_wait_ms": batch_wait_ms},
+        user_config={"max_batch_size": max_batch_size, "batch_wait_ms": batch_wait_ms, "batching": batching},
     ).bind(config)
     front = DLPLoRAServer.options(
         max_ongoing_requests=FRONT_ONGOING_REQUESTS, ray_actor_options={"num_cpus": 0}

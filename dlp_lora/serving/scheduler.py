@@ -75,6 +75,9 @@ class _Request:
         if not self.future.done():
             self.future.set_exception(error)
 
+    def cancel(self) -> None:
+        self.fail(RowCancelled("the generation was cancelled"))
+
     def finish(self, names: list[str]) -> None:
         tracker = self.tracker
         tracker.finish()
@@ -123,6 +126,7 @@ class ContinuousScheduler:
         self._mask: torch.Tensor | None = None  # [B, T] 1 = a real token
         self._closed = False
         self.steps = 0
+        self.cancelled_rows = 0  # rows ended because their caller stopped waiting
         self.step_sizes: collections.Counter[int] = collections.Counter()  # decode steps by rows
         self._thread = threading.Thread(target=self._loop, name="dlp-lora-scheduler", daemon=True)
         self._thread.start()
@@ -190,20 +194,22 @@ class ContinuousScheduler:
     def _leave(self) -> None:
         names = self.routing.names
         keep = []
+        cancelled = []
         for b, request in enumerate(self._running):
             if request.tracker.done:
                 request.finish(names)
             elif request.abandoned:
-                request.fail(RowCancelled("the generation was cancelled"))
+                cancelled.append(request)
             else:
                 keep.append(b)
         with self._cond:
-            for request in [r for r in self._prefilling if r.abandoned]:
-                request.fail(RowCancelled("the generation was cancelled"))
+            cancelled += [r for r in (*self._prefilling, *self._waiting) if r.abandoned]
             self._prefilling = [r for r in self._prefilling if not r.abandoned]
-            for request in [r for r in self._waiting if r.abandoned]:
-                request.fail(RowCancelled("the generation was cancelled"))
             self._waiting = collections.deque(r for r in self._waiting if not r.abandoned)
+            self.cancelled_rows += len(cancelled)
+        for request in cancelled:
+            request.cancel()
+        with self._cond:
             if len(keep) == len(self._running):
                 return
             self._running = [self._running[b] for b in keep]
