@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
+import inspect
 import threading
 
 import torch
@@ -108,6 +109,9 @@ class ContinuousScheduler:
         self.max_batch_size, self.step_tokens = max_batch_size, step_tokens
         self.routing = routing_of(self.model)
         self._dynamic_cache = DynamicCache
+        # transformers 5 renames the forward's past_key_values to cache; use whichever it takes
+        parameters = inspect.signature(self.model.forward).parameters
+        self._cache_arg = "cache" if "cache" in parameters else "past_key_values"
         layer_types = set(getattr(self.model.config.get_text_config(decoder=True), "layer_types", None)
                           or ["full_attention"])
         if layer_types != {"full_attention"}:
@@ -283,7 +287,7 @@ class ContinuousScheduler:
                         input_ids=torch.tensor([prompt[start:start + count]], device=device),
                         attention_mask=torch.ones(1, start + count, dtype=torch.long, device=device),
                         position_ids=torch.arange(start, start + count, device=device)[None],
-                        past_key_values=request.cache, use_cache=True, logits_to_keep=1,
+                        **{self._cache_arg: request.cache}, use_cache=True, logits_to_keep=1,
                     )
             except Exception as error:  # noqa: BLE001 - this row fails, the others go on
                 request.fail(error)
@@ -340,7 +344,7 @@ class ContinuousScheduler:
                 input_ids=torch.tensor([[r.next_token] for r in running], device=device),
                 attention_mask=mask,
                 position_ids=mask.sum(-1, keepdim=True) - 1,
-                past_key_values=self._cache, use_cache=True, logits_to_keep=1,
+                **{self._cache_arg: self._cache}, use_cache=True, logits_to_keep=1,
             )
         self._mask = mask
         self.step_sizes[B] += 1
