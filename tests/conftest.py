@@ -46,6 +46,7 @@ def ray_serve():
     module of the session (each deploys and deletes its own applications): {"port", "address"}."""
     ray = pytest.importorskip("ray", reason="needs the serve extra: pip install 'dlp-lora[serve]'")
     from ray import serve
+    from serving_fixtures import free_port
 
     port = free_port()
     ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
@@ -55,11 +56,3 @@ def ray_serve():
     finally:
         serve.shutdown()
         ray.shutdown()
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]

@@ -97,3 +97,12 @@ def http_request(url: str, body=None, headers: dict | None = None, method: str |
         return status, json.loads(text)
     except json.JSONDecodeError:
         return status, text
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

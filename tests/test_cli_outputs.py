@@ -163,3 +163,13 @@ def test_a_router_config_asking_for_a_million_layers_is_refused_before_building(
     code = main(["generate", "--model", str(art["model"]), "--adapters", *_adapter_args(art["adapters"]),
                  "--router", str(bad), "--prompt", "reverse ab=", "--max-new-tokens", "1"])
     _assert_one_line_error(capsys, code, str(bad), "num_layers must be an integer in [1, 64]")
+
+
+def test_demo_rebuild_base_never_replaces_a_directory_of_other_files(tmp_path):
+    project = _project(tmp_path)
+    argv = [sys.executable, "-m", "dlp_lora.demo", "--rebuild-base", str(project)]
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert proc.stderr.count("\n") == 1, proc.stderr
+    assert "--rebuild-base" in proc.stderr and "does not hold a demo base" in proc.stderr, proc.stderr
+    assert (project / "src" / "main.py").read_text() == "x\n"
