@@ -406,7 +406,7 @@ def cmd_serve(args) -> int:
     if args.address is None:
         os.environ.pop("RAY_ADDRESS", None)  # our private cluster's processes must not look elsewhere
     # "local": a new cluster of our own, even where RAY_ADDRESS or `ray start` names another one.
-    ray.init(address=args.address or "local", log_to_driver=False)
+    ray.init(address=args.address or "local")
     # After ray.init(), which installs its own SIGTERM handler: `kill` stops as cleanly as Ctrl-C.
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
