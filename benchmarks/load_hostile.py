@@ -1,7 +1,7 @@
 """`dlp-lora serve` under mixed good and hostile traffic: do good clients still get their answers, and how
 much later?
 
-    python benchmarks/load_hostile.py --out benchmarks/results/serve_hostile_cpu.json   # ~3 min, 2 cores
+    python benchmarks/load_hostile.py --out benchmarks/results/serve_hostile_cpu.json   # ~2 min, 2 cores
 
 The real server (build_app on a private local Ray cluster, HTTP on 127.0.0.1 only, 1 model replica,
 an API key) on bench_serve.py's artifacts (default: the harness's tiny Llama with 4 adapters and a
@@ -208,9 +208,9 @@ def main(argv=None) -> int:
     parser.add_argument("--model", default="tiny", choices=("tiny", "cpu"), help="bench_serve's model")
     parser.add_argument("--adapters", type=int, default=4)
     parser.add_argument("--good-clients", type=int, default=8)
-    parser.add_argument("--requests-per-client", type=int, default=12)
+    parser.add_argument("--requests-per-client", type=int, default=40)
     parser.add_argument("--hostile-clients", type=int, default=8)
-    parser.add_argument("--hostile-per-client", type=int, default=24,
+    parser.add_argument("--hostile-per-client", type=int, default=60,
                         help="hostile requests per thread, at most")
     parser.add_argument("--new-tokens", type=int, default=16)
     parser.add_argument("--prompt-words", type=int, default=24)

@@ -1,5 +1,5 @@
-"""`dlp-lora serve` end to end: a real local Ray cluster (2 CPUs), the app with 2 replicas on
-127.0.0.1, plain HTTP and the official `openai` client. Started once for the module (~20 s)."""
+"""`dlp-lora serve` end to end: the session's local Ray cluster (conftest.ray_serve), the app with 2
+replicas on 127.0.0.1, plain HTTP and the official `openai` client. Deployed once for the module."""
 
 from __future__ import annotations
 
