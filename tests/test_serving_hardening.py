@@ -319,8 +319,8 @@ MAX_TOKENS = 100
 
 @pytest.mark.parametrize("stream", [True, False])
 def test_a_client_that_leaves_stops_its_rows(apps, stream):
-    """32 prompts of 100 tokens (4 calls of 8 rows), the client gone after the first event (or 1 s): the
-    rows still running end, those not started never run."""
+    """32 prompts of 100 tokens (4 calls of 8 rows), the client gone after the first event (or once the
+    model runs its rows): the rows still running end, those not started never run."""
     before = _wait_idle(apps)
     body = json.dumps({"model": NAME, "prompt": PROMPTS_32, "max_tokens": MAX_TOKENS, "temperature": 0,
                        "stream": stream}).encode()
@@ -333,8 +333,11 @@ def test_a_client_that_leaves_stops_its_rows(apps, stream):
                 chunk = sock.recv(65536)
                 assert chunk, received
                 received += chunk
-        else:
-            time.sleep(1.0)
+        else:  # leave once the model runs the request
+            deadline = time.monotonic() + TIMEOUT_S
+            while _health_counts(apps)["running"] == 0:
+                assert time.monotonic() < deadline, "the request never reached the model"
+                time.sleep(0.05)
     after = _wait_idle(apps)
     generated = after["generated_tokens"] - before["generated_tokens"]
     cancelled = after["cancelled_rows"] - before["cancelled_rows"]
