@@ -12,7 +12,7 @@ import serving_fixtures as sf
 
 from dlp_lora.serving.engine import GenerationRow, RowResult
 from dlp_lora.serving.loading import load_engine
-from dlp_lora.serving.scheduler import ContinuousScheduler, RowCancelled
+from dlp_lora.serving.scheduler import ContinuousScheduler
 
 
 @pytest.fixture(scope="module")
@@ -124,8 +124,8 @@ def test_cancelled_row_frees_its_place_and_bad_rows_fail_alone(engine, oracle):
         _wait(lambda: scheduler.counts()["running"] == 2)
         doomed.cancelled.set()
         _wait(lambda: doomed_future.done())
-        with pytest.raises(RowCancelled):
-            doomed_future.result(timeout=5)
+        ended = doomed_future.result(timeout=5)
+        assert ended.finish_reason == "cancelled" and ended.completion_tokens < doomed.max_tokens
         with pytest.raises(ValueError, match="max_tokens"):
             bad.result(timeout=30)
         assert_same(other_future.result(timeout=60), _alone(oracle, sf.PROMPTS[4], other), "other")

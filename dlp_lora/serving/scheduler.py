@@ -8,8 +8,8 @@
 One worker thread owns the model. Each step:
 
 1. Rows that are done (EOS, a stop string, max_tokens) or cancelled (``row.cancelled`` set, or
-   their future cancelled) leave: the surviving rows of the KV cache are selected and the left
-   padding they all share is cut off.
+   their future cancelled; they end with finish_reason "cancelled") leave: the surviving rows of
+   the KV cache are selected and the left padding they all share is cut off.
 2. Waiting rows are admitted while the batch has room (``max_batch_size`` rows, prefilling ones
    included), and routed on their prompts (one router call for all of them).
 3. Admitted prompts are prefilled, each alone in its own cache, in chunks: a step prefills at most
@@ -43,15 +43,11 @@ import torch.nn.functional as F
 from ..patch import routing_of, row_specs
 from ..routing_policy import RequestRouting, Route
 from ..step_mapping import StepMapping
-from .engine import CompletionEngine, GenerationRow, RowResult, RowTracker
+from .engine import CompletionEngine, GenerationRow, RowResult, RowTracker, cancelled_result
 
-__all__ = ["ContinuousScheduler", "RowCancelled"]
+__all__ = ["ContinuousScheduler"]
 
 DEFAULT_STEP_TOKENS = 256
-
-
-class RowCancelled(RuntimeError):
-    """The row's caller stopped waiting for it (a closed stream, a cancelled call)."""
 
 
 class _Request:
@@ -76,8 +72,14 @@ class _Request:
         if not self.future.done():
             self.future.set_exception(error)
 
-    def cancel(self) -> None:
-        self.fail(RowCancelled("the generation was cancelled"))
+    def cancel(self, names: list[str]) -> None:
+        """End the row now: finish_reason "cancelled", with what it generated so far."""
+        self.tracker.done, self.tracker.finish_reason = True, "cancelled"
+        if self.routing is None:  # never admitted: it never runs
+            if not self.future.done():
+                self.future.set_result(cancelled_result(self.row))
+            return
+        self.finish(names)
 
     def finish(self, names: list[str]) -> None:
         tracker = self.tracker
@@ -131,6 +133,7 @@ class ContinuousScheduler:
         self._closed = False
         self.steps = 0
         self.cancelled_rows = 0  # rows ended because their caller stopped waiting
+        self.generated_tokens = 0  # tokens sampled so far, cancelled rows' included
         self.step_sizes: collections.Counter[int] = collections.Counter()  # decode steps by rows
         self._thread = threading.Thread(target=self._loop, name="dlp-lora-scheduler", daemon=True)
         self._thread.start()
@@ -198,9 +201,10 @@ class ContinuousScheduler:
     def _leave(self) -> None:
         names = self.routing.names
         keep = []
-        cancelled = []
+        cancelled, ended_cancelled = [], 0
         for b, request in enumerate(self._running):
-            if request.tracker.done:
+            if request.tracker.done:  # (the tracker itself ends a row whose cancelled event it sees)
+                ended_cancelled += request.tracker.finish_reason == "cancelled"
                 request.finish(names)
             elif request.abandoned:
                 cancelled.append(request)
@@ -210,9 +214,9 @@ class ContinuousScheduler:
             cancelled += [r for r in (*self._prefilling, *self._waiting) if r.abandoned]
             self._prefilling = [r for r in self._prefilling if not r.abandoned]
             self._waiting = collections.deque(r for r in self._waiting if not r.abandoned)
-            self.cancelled_rows += len(cancelled)
+            self.cancelled_rows += len(cancelled) + ended_cancelled
         for request in cancelled:
-            request.cancel()
+            request.cancel(names)
         with self._cond:
             if len(keep) == len(self._running):
                 return
@@ -302,6 +306,7 @@ class ContinuousScheduler:
                 self._prefilling.remove(request)
             self._accept([request], out.logits[:, -1])
             if request.tracker.done:
+                self.cancelled_rows += request.tracker.finish_reason == "cancelled"
                 request.finish(self.routing.names)
             else:
                 joined.append(request)
@@ -360,6 +365,7 @@ class ContinuousScheduler:
             token = greedy[b] if row.temperature == 0 else _sample(logits[b], row, request.generator)
             request.next_token = token
             request.tracker.push(token)
+        self.generated_tokens += len(requests)
 
 
 def _sample(logits: torch.Tensor, row: GenerationRow, generator: torch.Generator | None) -> int:
