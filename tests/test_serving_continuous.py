@@ -21,7 +21,7 @@ pytestmark = pytest.mark.filterwarnings("ignore:Using extra keyword arguments on
 ray = pytest.importorskip("ray", reason="needs the serve extra: pip install 'dlp-lora[serve]'")
 serve = pytest.importorskip("ray.serve")
 
-from test_serving import _free_port, _get, _post  # noqa: E402
+from test_serving import _get, _post  # noqa: E402
 
 from dlp_lora.serving.app import APP_NAME, build_app  # noqa: E402
 from dlp_lora.serving.loading import load_engine  # noqa: E402
@@ -31,19 +31,15 @@ TIMEOUT_S = 120
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
+def server(tmp_path_factory, ray_serve):
     art = sf.build(tmp_path_factory.mktemp("serving_continuous"))
-    port = _free_port()
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    app = build_app(model=art["model"], adapters=art["adapters"], router=art["router"], replicas=1,
+                    max_batch_size=8)
+    serve.run(app, name=APP_NAME, route_prefix="/")
     try:
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
-        app = build_app(model=art["model"], adapters=art["adapters"], router=art["router"], replicas=1,
-                        max_batch_size=8)
-        serve.run(app, name=APP_NAME, route_prefix="/")
-        yield {"base": f"http://127.0.0.1:{port}", "port": port, "art": art}
+        yield {"base": f"http://127.0.0.1:{ray_serve['port']}", "art": art}
     finally:
-        serve.shutdown()
-        ray.shutdown()
+        serve.delete(APP_NAME)
 
 
 @pytest.fixture(scope="module")
@@ -164,7 +160,7 @@ def test_a_closed_stream_frees_its_row(server, oracle):
     other_body = _body(sf.PROMPTS[4], 40)
     other = threading.Thread(target=lambda: results.append(_post(server, other_body)))
     results = []
-    cancelled = _get(server, "/health")["model_replica"]["cancelled"]
+    cancelled = _get(server, "/health")["model_replica"]["cancelled_rows"]
     connection, _, _ = _open_stream(server, _body(sf.PROMPTS[3], LONG_TOKENS))
     other.start()
     deadline = time.monotonic() + TIMEOUT_S
@@ -178,7 +174,7 @@ def test_a_closed_stream_frees_its_row(server, oracle):
             break
         time.sleep(0.05)
     assert seen[-1] == 0, seen  # every row left: the closed stream's place was freed
-    assert _get(server, "/health")["model_replica"]["cancelled"] == cancelled + 1  # ended, not run out
+    assert _get(server, "/health")["model_replica"]["cancelled_rows"] == cancelled + 1  # ended, not run out
     other.join(timeout=TIMEOUT_S)
     (status, answer), = results
     assert status == 200
