@@ -508,7 +508,7 @@ def render_headline(results_dir: Path) -> str | None:
                      + f"router accuracy {average['router']:.1f}%)",
                      "yes" if average["dlp"] >= average["oracle"] else "**no**"])
         sources.append(f"`{_rel(demo_path)}` ({_machine(demo)})")
-    serve_path = next(iter(sorted(results_dir.glob("serve_*.json"))), None)
+    serve_path = next(iter(sorted(results_dir.glob("serve_cpu*.json"))), None)
     if serve_path is not None:
         served = json.loads(serve_path.read_text())
         for goal in served["goals"]:
@@ -559,7 +559,7 @@ SECTIONS: dict[str, tuple[str, Callable[[Path], str]]] = {
     "breakdown": ("decode_breakdown_*.json", render_breakdown),
     "loraflow": ("loraflow_e2e_*.json", render_loraflow),
     "demo": ("demo*.json", render_demo),
-    "serve": ("serve_*.json", render_serve),
+    "serve": ("serve_cpu*.json", render_serve),  # serve_hostile_*.json is the load test's, not this table's
 }
 
 
