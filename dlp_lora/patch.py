@@ -39,8 +39,8 @@ from .routing_state import (
     RoutingState,
     RowSpec,
     SequenceRouting,
-    sentence_end_ids,
 )
+from .sentences import SentenceRule
 
 __all__ = ["patch_model", "unpatch_model", "use_mixture", "is_patched", "PatchError"]
 
@@ -198,15 +198,16 @@ def patch_model(
     bank = loras if isinstance(loras, LoRABank) else LoRABank.from_peft(loras)
     _check_options(top_p, max_loras, reroute)
     _check_router(router, bank)
-    ender_ids: frozenset[int] = frozenset()
-    if router is not None and reroute == "sentence":
+    sentences = None
+    if router is not None:
         tokenizer = tokenizer if tokenizer is not None else getattr(router, "tokenizer", None)
-        if tokenizer is None:
+        if tokenizer is None and reroute == "sentence":
             raise PatchError(
                 "patch_model: reroute='sentence' needs a tokenizer to find sentence ends; the router "
                 "has none: pass tokenizer=... or reroute='prompt'"
             )
-        ender_ids = sentence_end_ids(tokenizer)
+        # sentence ends, and the chat scaffolding the router must not read (in both modes)
+        sentences = SentenceRule(tokenizer) if tokenizer is not None else None
 
     targets = _resolve_targets(model, bank)
     first = next(iter(targets.values()))[0] if targets else None
@@ -219,7 +220,7 @@ def patch_model(
         top_p=top_p,
         max_loras=max_loras,
         reroute=reroute,
-        ender_ids=ender_ids,
+        sentences=sentences,
         backend=backend,
         probe_module=first,
         forward_signature=inspect.signature(model.forward),
