@@ -91,13 +91,17 @@ class RoutingState:
     for the num_tokens = B*L rows of this forward. last_*: the same for a module that sees one
     row per sequence (e.g. lm_head with logits_to_keep=1): each sequence's current mixture.
     active is False when no row has an adapter: patched modules then skip the op entirely,
-    so an empty mixture is exactly the base model. fast is True when the raw kernel may update
-    a module's output in place: no autograd, no autocast (a forward traced by torch.compile takes
-    the registered op instead, see dlp_lora.patch; this hook itself always runs eager).
+    so an empty mixture is exactly the base model. adapters: bit i set when some row of this
+    forward uses adapter i; a module that none of those adapters targets skips the op (its delta
+    would be exactly zero), so a q,v-only mixture costs nothing on the other projections.
+    fast is True when the raw kernel may update a module's output in place: no autograd, no
+    autocast (a forward traced by torch.compile takes the registered op instead, see dlp_lora.patch;
+    this hook itself always runs eager).
     """
 
     __slots__ = (
         "active",
+        "adapters",
         "fast",
         "num_tokens",
         "num_sequences",
@@ -112,6 +116,7 @@ class RoutingState:
 
     def __init__(self, backend: str):
         self.active = self.fast = False
+        self.adapters = 0
         self.num_tokens = self.num_sequences = -1
         self.seg_indptr = self.lora_ids = self.lora_weights = None
         self.last_seg_indptr = self.last_lora_ids = self.last_lora_weights = None
@@ -474,17 +479,18 @@ class SequenceRouting:
         """One segment per sequence with its current mixture: the decode fast path (cached tensors)."""
         if call.seq_tensors is None:
             ids, weights = _mixture_tensors(call.current, device)
-            call.seq_tensors = (ids, weights, bool((ids >= 0).any()))
+            call.seq_tensors = (ids, weights, adapter_mask(call.current))
             check_routing_values(
                 self._seg_indptr(call, B, 1, device), ids, num_tokens=B, num_loras=len(self.names)
             )
-        ids, weights, active = call.seq_tensors
+        ids, weights, adapters = call.seq_tensors
         state = call.state
         state.seg_indptr = self._seg_indptr(call, B, L, device)
         state.lora_ids, state.lora_weights = ids, weights
         state.last_seg_indptr = self._seg_indptr(call, B, 1, device)
         state.last_lora_ids, state.last_lora_weights = ids, weights
-        state.num_tokens, state.num_sequences, state.active = B * L, B, active
+        state.num_tokens, state.num_sequences = B * L, B
+        state.adapters, state.active = adapters, adapters != 0
 
     def _use_segments(self, call: _CallState, segments: list[tuple[int, Mixture]], B: int, L: int,
                       device) -> None:
@@ -496,7 +502,8 @@ class SequenceRouting:
         state = call.state
         state.seg_indptr = seg_indptr.to(device)
         state.lora_ids, state.lora_weights = ids, weights
-        state.active = bool((ids >= 0).any())
+        state.adapters = adapter_mask([mixture for _, mixture in segments])
+        state.active = state.adapters != 0
 
     def _seg_indptr(self, call: _CallState, B: int, L: int, device) -> torch.Tensor:
         key = (B, L)
@@ -519,6 +526,15 @@ class SequenceRouting:
                 call.step, sequence, position, tuple(self.names[i] for i in ids), tuple(weights), reason
             )
         )
+
+
+def adapter_mask(mixtures: Sequence[Mixture]) -> int:
+    """Bit i set when adapter i is in any of the mixtures (RoutingState.adapters)."""
+    mask = 0
+    for ids, _ in mixtures:
+        for i in ids:
+            mask |= 1 << i
+    return mask
 
 
 def _mixture_tensors(mixtures: Sequence[Mixture], device) -> tuple[torch.Tensor, torch.Tensor]:
