@@ -13,6 +13,8 @@ so an interrupted run resumes at the first stage without a result, and a finishe
     speed      batch 1, greedy, 64 new tokens, eager, 1 thread, interleaved rounds: base, PEFT one
                adapter, DLP-LoRA K<=3 over the task adapters and over 26- and 100-adapter banks, and
                a q,v-only mixture with and without skipping the modules it does not target
+    loraflow   LoRA-Flow at its authors' recipe, 3 seeds, on the composite and on the fusion skill,
+               with the uniform and oracle-weight ceilings (loraflow_stage.py)
 
 Every prompt is the task's user message in the model's chat template. Progress: one line per stage
 and per adapter on stdout. The result file (benchmarks/results/real_model_cpu.json by default) is
@@ -87,7 +89,8 @@ class Recipe:
         """Every stage at a few steps and prompts: checks the pipeline end to end (numbers mean nothing)."""
         return cls(adapter_steps=2, adapter_batch=2, router_examples_per_task=12, router_epochs=1,
                    eval_per_task=2, fusion_eval=2, eval_batch=4, max_new_tokens=4, speed_new_tokens=4,
-                   speed_rounds=1, speed_banks=(2, 3))
+                   speed_rounds=1, speed_banks=(2, 3), loraflow_examples_per_task=2,
+                   loraflow_fusion_examples=4, loraflow_dev=4, loraflow_epochs=1, loraflow_seeds=(0, 1))
 
 
 def log(message: str) -> None:
@@ -264,7 +267,7 @@ def run(recipe: Recipe, cache_root: Path, out: Path, stages: tuple[str, ...] = S
 
     from ..artifacts import load_tokenizer
     from ..bank import LoRABank
-    from ..patch import patch_model
+    from ..patch import patch_model, unpatch_model
 
     hf_logging.disable_progress_bar()
     torch.set_num_threads(recipe.threads)
@@ -307,10 +310,8 @@ def run(recipe: Recipe, cache_root: Path, out: Path, stages: tuple[str, ...] = S
                           tokenizer=tokenizer)
     if "composite" in stages and "composite" not in result["stages"]:
         done("composite", evaluate_composite(patched, tokenizer, router, recipe))
+    unpatch_model(patched)
     if "fusion" in stages and "fusion" not in result["stages"]:
-        from ..patch import unpatch_model
-
-        unpatch_model(patched)
         # the composite LoRA joins the bank (as the ceiling); the router still scores the six tasks
         full = LoRABank.from_peft(adapter_dirs)
         fused = patch_model(model, full, _SubsetRouter(router, full.names), top_p=recipe.top_p,
@@ -321,6 +322,10 @@ def run(recipe: Recipe, cache_root: Path, out: Path, stages: tuple[str, ...] = S
         from . import speed
 
         done("speed", speed.measure(model_dir, tokenizer, adapter_dirs, recipe, root, log))
+    if "loraflow" in stages and "loraflow" not in result["stages"]:
+        from .loraflow_stage import run_loraflow
+
+        done("loraflow", run_loraflow(model, tokenizer, adapter_dirs, recipe, root, held, log))
     log(f"finished in {time.perf_counter() - start:.0f} s; complete: {result['complete']}; result: {out}")
     return result
 
