@@ -465,6 +465,14 @@ def render_real_model(path: Path) -> str:
                   f"{speed['patched_modules']} patched modules; load average {load[0] and load[0][0]} -> "
                   f"{load[1] and load[1][0]} (the machine was shared: ratios are paired per round).",
                   md_table(["variant", "decode ms/token", "x base [IQR]", "x PEFT one adapter [IQR]"], rows)]
+        exact = speed.get("exactness")
+        if exact:
+            scale = exact["logits_scale"]
+            peft, dlp = exact["peft_fp32_vs_fp64"], exact["dlp_fp32_vs_fp64"]
+            parts.append(f"Exactness, one adapter in float32 against PEFT in float64 (logits up to "
+                         f"{scale:.1f}): PEFT {peft:.1e} ({peft / scale:.1e} of the scale), DLP-LoRA "
+                         f"{dlp:.1e} ({dlp / scale:.1e}); DLP-LoRA vs PEFT in float32 "
+                         f"{exact['dlp_vs_peft_fp32']:.1e}.")
     return "\n\n".join(p for p in parts if p)
 
 

@@ -133,7 +133,9 @@ def train_adapters(model_dir: Path, tokenizer, recipe: Recipe, root: Path, exclu
         base = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
         config = LoraConfig(r=recipe.lora_rank, lora_alpha=recipe.lora_alpha, lora_dropout=0.0,
                             target_modules=list(recipe.lora_targets), task_type="CAUSAL_LM")
-        examples = ((chat_prompt(tokenizer, m), a) for m, a in tasks.stream(task, recipe.seed + i, exclude))
+        stream = tasks.stream(task, recipe.seed + i, exclude)
+        examples = _progress(((chat_prompt(tokenizer, m), a) for m, a in stream), recipe.adapter_batch * 20,
+                             f"adapter {task}", recipe.adapter_batch)
         with reproducible(recipe.seed + 1 + i):
             model = get_peft_model(base, config)
             done = train_causal_lm(model, tokenizer, examples, steps=recipe.adapter_steps,
@@ -152,6 +154,15 @@ def train_adapters(model_dir: Path, tokenizer, recipe: Recipe, root: Path, exclu
         log(f"adapter {task}: {done.steps} steps, loss {done.loss:.3f}, exact on fresh samples "
             f"{done.exact_match:.0%}, {note['seconds']:.0f} s")
     return notes
+
+
+def _progress(examples, every: int, what: str, batch: int):
+    """Pass ``examples`` through, logging a line every ``every`` of them (a log file gets no tqdm bar)."""
+    start = time.perf_counter()
+    for n, example in enumerate(examples, start=1):
+        if n % every == 1 and n > 1:
+            log(f"{what}: step {n // batch}, {time.perf_counter() - start:.0f} s")
+        yield example
 
 
 def train_router(tokenizer, recipe: Recipe, root: Path, exclude: frozenset[str]):

@@ -10,6 +10,10 @@ Variants (all on one set of weights, dlp_lora.bench.workload.shared_copy):
     dlp_qv_all        the same with the skip turned off (every module's target mask set to all
                       adapters), as before modules were skipped: the op runs on all 210 modules
 Ratios are paired per round (dlp_lora.bench.report.summarize), against base and peft_single.
+
+Beside the timings, ``exactness``: the largest logit difference of DLP-LoRA (one adapter) and of PEFT
+from PEFT in float64, on the speed prompt, and the logits' scale: on a 30-layer model float32 rounding
+alone reaches ~1e-4, so tolerances are stated relative to that scale.
 """
 
 from __future__ import annotations
@@ -43,6 +47,30 @@ def _qv_adapter(base, out: Path, rank: int, alpha: int) -> Path:
                                                                       else 0.02))
     model.save_pretrained(str(out))
     return out
+
+
+def exactness(base, adapter_dir: Path, ids: torch.Tensor) -> dict:
+    """max |logits - float64 PEFT logits| of float32 PEFT and of float32 DLP-LoRA, one adapter."""
+    import copy
+
+    from peft import PeftModel
+
+    from ..bank import LoRABank
+    from ..patch import patch_model, use_mixture
+
+    with torch.no_grad():
+        peft32 = PeftModel.from_pretrained(shared_copy(base), str(adapter_dir)).eval()(input_ids=ids).logits
+        peft64 = PeftModel.from_pretrained(copy.deepcopy(base).double(), str(adapter_dir)).eval()
+        reference = peft64(input_ids=ids).logits
+        del peft64
+        ours = patch_model(shared_copy(base), LoRABank.from_peft({"a": adapter_dir}))
+        with use_mixture(ours, {"a": 1.0}):
+            dlp32 = ours(input_ids=ids).logits
+    scale = reference.abs().max().item()
+    return {"logits_scale": scale,
+            "peft_fp32_vs_fp64": (peft32.double() - reference).abs().max().item(),
+            "dlp_fp32_vs_fp64": (dlp32.double() - reference).abs().max().item(),
+            "dlp_vs_peft_fp32": (dlp32 - peft32).abs().max().item()}
 
 
 def measure(model_dir: Path, tokenizer, adapter_dirs: dict[str, Path], recipe, root: Path,
@@ -99,10 +127,12 @@ def measure(model_dir: Path, tokenizer, adapter_dirs: dict[str, Path], recipe, r
         samples = run_interleaved(variants, ids, new_tokens=recipe.speed_new_tokens, reps=recipe.speed_rounds,
                                   warmup_tokens=4, progress=bar)
     rows = summarize(variants, samples, 1, references=["base", "peft_single"])
+    exact = exactness(base, adapter_dirs[task_names[0]], ids)
+    log(f"exactness (one adapter, float32, vs PEFT float64): {exact}")
     for row in rows:
         log(f"speed {row['variant']}: {row['decode_ms_per_token']['median']:.1f} ms/token, "
             f"x base {row['ratio_to_base']['median']:.3f} [IQR {row['ratio_to_base']['iqr']:.3f}]")
     return {"prompt_tokens": int(ids.shape[1]), "new_tokens": recipe.speed_new_tokens,
             "rounds": recipe.speed_rounds, "threads": 1, "patched_modules": patched_modules,
             "task_mixture": mix, "load_average_start": load_start, "load_average_end": load_average(),
-            "rows": rows}
+            "exactness": exact, "rows": rows}
