@@ -550,7 +550,8 @@ def render_headline(results_dir: Path) -> str | None:
     """README's one table: DLP-LoRA's decode time against the base model, PEFT and token-level gating
     (batch 1, from the full end-to-end run) and the demo's accuracy, each beside its goal in words."""
     e2e_path, demo_path = _headline_files(results_dir)
-    if e2e_path is None and demo_path is None and not any(results_dir.glob("serve_*.json")):
+    if e2e_path is None and demo_path is None and not any(results_dir.glob("serve_*.json")) and not any(
+            results_dir.glob("real_model_*.json")):
         return None
     rows, sources = [], []
     if e2e_path is not None:
@@ -595,6 +596,12 @@ def render_headline(results_dir: Path) -> str | None:
                      + f"router accuracy {average['router']:.1f}%)",
                      "yes" if average["dlp"] >= average["oracle"] else "**no**"])
         sources.append(f"`{_rel(demo_path)}` ({_machine(demo)})")
+    real_path = next(iter(_result_files(results_dir, "real_model_*.json")), None)
+    if real_path is not None:
+        real = json.loads(real_path.read_text())
+        rows += _real_model_headline(real)
+        sources.append(f"`{_rel(real_path)}` ({_machine(real)}"
+                       + ("" if real.get("complete") else ", a partial run") + ")")
     serve_path = next(iter(sorted(results_dir.glob("serve_*.json"))), None)
     if serve_path is not None:
         served = json.loads(serve_path.read_text())
@@ -610,6 +617,32 @@ def render_headline(results_dir: Path) -> str | None:
     note = ("_Ratios: median over interleaved rounds of the paired ratio [IQR]. From "
             + " and ".join(sources) + "; every table: [docs/benchmarks.md](docs/benchmarks.md)._")
     return "\n".join([md_table(["what", "goal", "measured", "met"], rows), "", note])
+
+
+def _real_model_headline(real: dict) -> list[list[str]]:
+    """SmolLM2's rows: DLP-LoRA's decode time over the task adapters, and the composite's accuracy."""
+    rows, stages = [], real.get("stages", {})
+    speed = stages.get("speed")
+    if speed:
+        row = next(r for r in speed["rows"] if r["variant"] == "dlp_tasks_K3")
+        ratio = row["ratio_to_base"]["median"]
+        rows.append(["SmolLM2-135M-Instruct (`make real-model`): DLP-LoRA decode time / base model; 3 of "
+                     f"its 6 task adapters fused, {speed['patched_modules']} patched modules",
+                     "at most 10% slower than the model without adapters", _headline_ratio(row, "base"),
+                     "yes" if ratio <= 1.10 else "**no**"])
+    composite = stages.get("composite")
+    if composite:
+        methods = composite["methods"]
+        rows.append([f"SmolLM2-135M-Instruct: exact match of DLP-LoRA over {composite['prompts']} prompts of "
+                     f"{len(methods['base']['per_task'])} tasks",
+                     "as good as the oracle, which gives every prompt its own task's adapter",
+                     f"{_pct(methods['dlp_lora']['exact_match'])}% (oracle "
+                     f"{_pct(methods['oracle']['exact_match'])}%, "
+                     f"base {_pct(methods['base']['exact_match'])}%, "
+                     f"router accuracy {_pct(composite['router_accuracy'])}%)",
+                     "yes" if methods["dlp_lora"]["exact_match"] >= methods["oracle"]["exact_match"]
+                     else "**no**"])
+    return rows
 
 
 def _headline_files(results_dir: Path) -> tuple[Path | None, Path | None]:
