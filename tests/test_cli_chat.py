@@ -13,8 +13,6 @@ from transformers import AutoTokenizer
 from dlp_lora import Router
 from dlp_lora.cli import main
 
-pytestmark = pytest.mark.slow  # a 49k-token vocabulary: building the model and the router takes ~10 s
-
 FIXTURE = Path(__file__).parent / "fixtures" / "smollm2_tokenizer"
 PROMPT = "Translate to French. What is 12 + 30?"
 

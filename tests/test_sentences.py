@@ -163,7 +163,6 @@ def patched(tok, tmp_path_factory):
     return model, router
 
 
-@pytest.mark.slow
 def test_chat_prompt_routing_and_display(tok, rule, patched):
     """A chat prompt's spans are its sentences; the router reads content only; the display keeps each
     terminator in the span it ends; a generated sentence end reroutes at the next sentence's first token."""
