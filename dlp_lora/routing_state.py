@@ -55,7 +55,8 @@ from .router.top_p import check_max_loras, check_top_p
 
 __all__ = ["REROUTE_MODES", "Route", "RoutingRecord", "RoutingState", "SequenceRouting", "sentence_end_ids"]
 
-REROUTE_MODES = ("prompt", "sentence")
+from .options import REROUTE_MODES  # noqa: E402 - re-exported: patch_model checks it
+
 SENTENCE_END_CHARS = (".", "!", "?", "\u3002", "\uff01", "\uff1f")
 
 # A mixture in bank space: (adapter ids, weights), equal lengths; () = base model.

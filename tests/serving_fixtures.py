@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import torch
 from peft_fixtures import TASKS, make_adapter, task_sentence, tiny_model, word_tokenizer
 
@@ -50,6 +51,22 @@ def config(art: dict, **overrides):
 
     return ServeConfig(model=str(art["model"]), adapters={k: str(v) for k, v in art["adapters"].items()},
                        router=str(art["router"]), **overrides)
+
+
+# Routing weights of a row batched with others differ from the row alone in the last float32 digits
+# (batched GEMMs pick other kernels and summation orders); adapter choices and text are exact.
+WEIGHT_ATOL = 1e-5
+
+
+def assert_routing_equal(got: list[dict], expected: list[dict], where: object = "") -> None:
+    """Routing spans ({"position", "adapters": {name: weight}, "reason"}): all exact but the weights."""
+    def shape(spans):
+        return [(s["position"], s["reason"], list(s["adapters"])) for s in spans]
+
+    assert shape(got) == shape(expected), where
+    for g, e in zip(got, expected, strict=True):
+        weights = list(e["adapters"].values())
+        assert list(g["adapters"].values()) == pytest.approx(weights, abs=WEIGHT_ATOL), where
 
 
 def generate_alone(model, tokenizer, prompt: str, max_tokens: int, mixture: dict | None = None,

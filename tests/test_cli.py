@@ -212,7 +212,7 @@ def test_generate_router_labels_do_not_match_adapters(art, capsys):
 def test_bad_mixture_and_prompt(art, capsys):
     base = ["generate", "--model", str(art["model"]), "--adapters", *_adapter_args(art["adapters"])]
     code = main([*base, "--mixture", "sort=1", "--prompt", "x"])
-    _assert_one_line_error(capsys, code, "unknown adapter 'sort'")
+    _assert_one_line_error(capsys, code, "--mixture: names unknown adapter(s) ['sort']")
     _assert_one_line_error(capsys, main([*base, "--mixture", "reverse=1", "--prompt", " "]), "empty prompt")
     _assert_one_line_error(capsys, main([*base, "--prompt", "x"]), "--router")
 

@@ -37,6 +37,7 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 from starlette.responses import JSONResponse, StreamingResponse
 
+from ..options import DEFAULT_REROUTE, DEFAULT_TOP_P, REROUTE_MODES
 from .engine import BatchRunner, GenerationRow, RowResult
 from .loading import ServeConfig, check_artifacts, load_engine, load_front
 from .protocol import (
@@ -250,8 +251,8 @@ def build_app(
     device: str = "cpu",
     max_batch_size: int = 8,
     batch_wait_ms: float = 10,
-    reroute: str = "sentence",
-    top_p: float = 0.6,
+    reroute: str = DEFAULT_REROUTE,
+    top_p: float = DEFAULT_TOP_P,
     max_loras: int | None = None,
     dtype: str = "float32",
     model_name: str | None = None,
@@ -273,8 +274,8 @@ def build_app(
     if isinstance(batch_wait_ms, bool) or not isinstance(batch_wait_ms, (int, float)) \
             or not math.isfinite(batch_wait_ms) or batch_wait_ms < 0:
         raise ValueError(f"batch_wait_ms must be a number >= 0, got {batch_wait_ms!r}")
-    if reroute not in ("sentence", "prompt"):
-        raise ValueError(f"reroute must be 'sentence' or 'prompt', got {reroute!r}")
+    if reroute not in REROUTE_MODES:
+        raise ValueError(f"reroute must be one of {REROUTE_MODES}, got {reroute!r}")
     if not (device == "cpu" or device.startswith("cuda")):
         raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}")
     adapters = {name: str(Path(path).resolve()) for name, path in adapters.items()}
