@@ -14,6 +14,7 @@ is not run), and the test asserts that ``dlp_lora`` really comes from the scratc
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -80,6 +81,13 @@ def _run(cmd: list[str], cwd: Path, **kwargs) -> subprocess.CompletedProcess:
 
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory) -> Path:
+    # The build reuses build/temp* (the compiled objects: seconds instead of a minute), but nothing
+    # that lists files: the staged package in build/lib* and build/bdist* would still hold a file
+    # deleted from the checkout, and an old *.egg-info/SOURCES.txt adds the files of packages that
+    # setup.py leaves out as package data (hiding exactly the bug this test exists for).
+    build = ROOT / "build"
+    for stale in [*build.glob("lib.*"), *build.glob("bdist.*"), *ROOT.glob("*.egg-info")]:
+        shutil.rmtree(stale)
     out = tmp_path_factory.mktemp("wheel")
     _run([sys.executable, "-m", "pip", "wheel", "--no-build-isolation", "--no-deps", "-q", "-w", str(out),
           str(ROOT)], cwd=out, timeout=900)
