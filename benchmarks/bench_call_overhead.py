@@ -63,6 +63,8 @@ def call_variants() -> dict:
         "torch_loop": lambda: torch_loop(*args),
         "op_validated": lambda: ops.multi_lora(*args),
         "op_unvalidated": lambda: ops.multi_lora(*args, backend=backend, validate=False),
+        # the door's work when the checks run in Python (ops/validate.py), as for reference and triton
+        "python_checks_then_kernel": lambda: (ops.check_multi_lora_args(*args), raw(*args)),
         "raw_kernel": lambda: raw(*args),
     }
 
@@ -150,7 +152,12 @@ def main() -> int:
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     torch.set_num_threads(1)
-    result = {"commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+    result = {"what": "one eager call of the public op at a decode shape (validated: the default; "
+                      "unvalidated: what a patched Linear runs; raw_kernel: the backend's kernel alone; "
+                      "python_checks_then_kernel: ops/validate.py's checks, then the kernel) against a "
+                      "per-adapter loop of torch ops computing the same delta; interleaved rounds, the ratio "
+                      "torch_loop / op_validated taken per round",
+              "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
                                        text=True).stdout.strip(),
               "machine": machine_info(), "versions": versions(), "threads": 1, "load_start": load_average()}
     result["op_call"] = op_call_us(rounds=args.op_rounds)
