@@ -30,6 +30,7 @@ MIXTURES = {
     "four": {"plain": 0.5, "rslora": 0.3, "pattern": 0.2, "layer0": 0.4},
     "two": {"rslora": 0.7, "plain": 0.3},  # not in bank order: the export orders by the bank
     "one": {"pattern": 1.3},
+    "negated": {"plain": 1.0, "rslora": -0.6},  # task negation: negative weights are allowed
 }
 
 
