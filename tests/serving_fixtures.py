@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from peft_fixtures import TASKS, make_adapter, task_sentence, tiny_model, word_tokenizer
+from peft_fixtures import ROUTING_WEIGHT_ATOL, TASKS, make_adapter, task_sentence, tiny_model, word_tokenizer
 
 # Prompts of several sentences (so the router splits them into spans), mostly one task's words.
 PROMPTS = [
@@ -53,9 +53,6 @@ def config(art: dict, **overrides):
                        router=str(art["router"]), **overrides)
 
 
-# Routing weights of a row batched with others differ from the row alone in the last float32 digits
-# (batched GEMMs pick other kernels and summation orders); adapter choices and text are exact.
-WEIGHT_ATOL = 1e-5
 
 
 def assert_routing_equal(got: list[dict], expected: list[dict], where: object = "") -> None:
@@ -66,7 +63,7 @@ def assert_routing_equal(got: list[dict], expected: list[dict], where: object = 
     assert shape(got) == shape(expected), where
     for g, e in zip(got, expected, strict=True):
         weights = list(e["adapters"].values())
-        assert list(g["adapters"].values()) == pytest.approx(weights, abs=WEIGHT_ATOL), where
+        assert list(g["adapters"].values()) == pytest.approx(weights, abs=ROUTING_WEIGHT_ATOL), where
 
 
 def generate_alone(model, tokenizer, prompt: str, max_tokens: int, mixture: dict | None = None,
