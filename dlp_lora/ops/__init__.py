@@ -189,10 +189,15 @@ def multi_lora(
             try:
                 get_kernel(backend)(y, x, lora_a, lora_b, seg_indptr, lora_ids, lora_weights)  # the C++ op
             except (RuntimeError, TypeError) as e:
-                message = str(e).split("\n", 1)[0]  # without the C++ frames torch may append
-                if not message.startswith("multi_lora"):
+                # a TORCH_CHECK of csrc/multi_lora_checks.h ("multi_lora: `lora_ids` ...") or the schema's
+                # type check ("dlp_lora::multi_lora() Expected ... for argument 'y' ..."): both name the
+                # argument. The first line only: torch may append C++ frames or the schema.
+                message = str(e).split("\n", 1)[0]
+                schema = "dlp_lora::multi_lora() "
+                if message.startswith(schema):
+                    message = "multi_lora: " + message[len(schema):]
+                if not message.startswith("multi_lora: "):
                     raise  # not an argument check: a failure of the kernel itself
-                # a TORCH_CHECK of csrc/multi_lora_checks.h, or the schema's type check: names the argument
                 raise MultiLoRAArgumentError(message) from None
             return y
         else:
