@@ -186,7 +186,7 @@ BAD_REQUESTS = [  # (body, status, param, code)
     ({"model": "model", "prompt": "al1 al2", "max_tokens": 127}, 400, "prompt", "context_length_exceeded"),
     ({"model": "model", "prompt": LONG_PROMPT, "max_tokens": 1}, 400, "prompt", "context_length_exceeded"),
     ({"model": "model", "prompt": "al1", "mixture": {"delta": 1}}, 400, "mixture", None),
-    ({"model": "model", "prompt": "al1", "mixture": {"alpha": -1}}, 400, "mixture", None),
+    ({"model": "model", "prompt": "al1", "mixture": {"alpha": 101}}, 400, "mixture", None),
     (b'{"model": "model", "prompt": "al1", "mixture": {"alpha": NaN}}', 400, "mixture", None),
     ({"model": "llama-70b", "prompt": "al1"}, 404, "model", "model_not_found"),
 ]
