@@ -1,7 +1,10 @@
-"""Host-side checks of the multi-LoRA op's arguments, run before any kernel launches.
+"""Host-side checks of the multi-LoRA op's arguments, run before a Python-checked kernel launches.
 
-Every message names the offending argument, so a user sees ``lora_ids`` rather than an
-out-of-bounds read or a segfault deep in a kernel.
+``dlp_lora.ops.multi_lora`` runs them for the ``reference``, ``triton`` and ``cuda`` backends (and the
+layout checks while tracing); the ``cpp`` op checks the same contract in C++
+(csrc/multi_lora_checks.h), so its door only adds :func:`check_inference_only`. Every message names
+the offending argument, so a user sees ``lora_ids`` rather than an out-of-bounds read or a segfault
+deep in a kernel.
 """
 
 from __future__ import annotations
