@@ -18,7 +18,10 @@ umask (0777 / 0666 less the umask, executables keep their x bits); some writers 
 other users. An existing target keeps its own mode.
 
 For any writer of a multi-file result (Router.save, PEFT exports); ``atomic_write_text`` does the
-same for a single file (benchmark results).
+same for a single file (benchmark results). A target that is a symlink is written through: the
+directory or file it points to is replaced, the link stays. ``check_output_dir`` and
+``check_output_file`` are the checks a command runs on its output before any work: they never let
+it replace a directory of the user's that holds something else.
 """
 
 from __future__ import annotations
@@ -28,10 +31,11 @@ import os
 import shutil
 import stat
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
-__all__ = ["atomic_directory", "atomic_write_text", "unwritable_reason"]
+__all__ = ["atomic_directory", "atomic_write_text", "check_output_dir", "check_output_file",
+           "unwritable_reason"]
 
 
 @contextlib.contextmanager
@@ -41,8 +45,8 @@ def atomic_directory(target: str | Path) -> Iterator[Path]:
     Raises NotADirectoryError if ``target`` exists and is not a directory (before yielding), and
     OSError from the file system (the message names the path). Missing parents are created.
     """
-    target = Path(target)
-    parent = target.absolute().parent
+    target = _through_link(target)
+    parent = target.parent
     if target.exists() and not target.is_dir():
         raise NotADirectoryError(f"{target} exists and is not a directory")
     parent.mkdir(parents=True, exist_ok=True)
@@ -72,9 +76,9 @@ def atomic_directory(target: str | Path) -> Iterator[Path]:
 
 def atomic_write_text(path: str | Path, text: str) -> Path:
     """Write one file whole: a temporary file beside ``path``, flushed, then renamed over it."""
-    path = Path(path)
-    path.absolute().parent.mkdir(parents=True, exist_ok=True)
-    tmp = _fresh_name(path.absolute().parent, path.name, "tmp")
+    path = _through_link(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _fresh_name(path.parent, path.name, "tmp")
     try:
         with open(tmp, "w", encoding="utf-8") as f:  # open() applies the umask
             f.write(text)
@@ -106,6 +110,57 @@ def unwritable_reason(target: str | Path, *, directory: bool) -> str | None:
     if not os.access(parent, os.W_OK | os.X_OK):
         return f"cannot write {target}: {parent} is not writable"
     return None
+
+
+def check_output_dir(target: str | Path, *, kind: str, holds_one: Callable[[Path], bool],
+                     overwrite: bool = False) -> Path:
+    """Before any work: the directory to write for ``target``, or ValueError saying why it may not be.
+
+    kind names what is written ("a router"); holds_one(directory) tells whether a directory holds
+    one. A missing or empty directory may be written; a non-empty one only with ``overwrite`` and
+    only when it holds one (so no command ever replaces a directory of other files). A symlink is
+    followed (a dangling one is refused); the current directory, or one that contains it, is refused.
+    """
+    path = _resolved_target(target)
+    if path.is_dir() and any(path.iterdir()):
+        if not holds_one(path):
+            raise ValueError(f"{target} is not empty and does not hold {kind}; refusing to replace it "
+                             "(give a new or empty directory)")
+        if not overwrite:
+            raise ValueError(f"{target} already holds {kind}; give --overwrite to replace it")
+    cwd, real = Path.cwd().resolve(), path.resolve()
+    if real == cwd or real in cwd.parents:
+        raise ValueError(f"{target} is the current directory or contains it; give another directory")
+    reason = unwritable_reason(path, directory=True)
+    if reason:
+        raise ValueError(reason)
+    return path
+
+
+def check_output_file(target: str | Path) -> Path:
+    """Before any work: the file to write for ``target`` (a symlink followed), or ValueError why not."""
+    path = _resolved_target(target)
+    reason = unwritable_reason(path, directory=False)
+    if reason:
+        raise ValueError(reason)
+    return path
+
+
+def _resolved_target(target: str | Path) -> Path:
+    try:
+        return _through_link(target)
+    except FileNotFoundError as e:
+        raise ValueError(str(e)) from None
+
+
+def _through_link(target: str | Path) -> Path:
+    """The absolute path to write for ``target``: a symlink's destination (so the link stays a link)."""
+    target = Path(target)
+    if target.is_symlink():
+        if not target.exists():
+            raise FileNotFoundError(f"{target} is a symlink to {os.readlink(target)}, which does not exist")
+        return Path(os.path.realpath(target))
+    return target.absolute()
 
 
 def _fresh_name(parent: Path, name: str, kind: str) -> Path:

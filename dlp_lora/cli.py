@@ -45,14 +45,16 @@ def existing_dir(path: str | Path, flag: str, kind: str = "directory") -> Path:
     return path
 
 
-def writable_dir(path: str | Path, flag: str) -> Path:
-    """An output directory that may exist (its files are overwritten) but must not be a file."""
-    from ._atomic import unwritable_reason
+def output_dir(path: str | Path, flag: str, *, kind: str, marker: str, overwrite: bool) -> Path:
+    """The directory to write for ``flag`` (a symlink followed), checked before any work: new or empty,
+    or, with --overwrite, one holding ``kind`` (its file ``marker``); never a directory of other files."""
+    from ._atomic import check_output_dir
 
-    reason = unwritable_reason(path, directory=True)
-    if reason:
-        raise CLIError(f"{flag}: {reason}")
-    return Path(path)
+    try:
+        return check_output_dir(path, kind=kind, holds_one=lambda d: (d / marker).is_file(),
+                                overwrite=overwrite)
+    except ValueError as e:
+        raise CLIError(f"{flag}: {e}") from None
 
 
 def parse_device(spec: str | None, flag: str = "--device"):
@@ -141,12 +143,22 @@ def read_task_jsonl(path: Path) -> tuple[list[str], list[str]]:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
                 raise CLIError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
+            except RecursionError:
+                raise CLIError(f"{where}: nested too deeply (expected one flat object)") from None
+            except ValueError as e:  # e.g. an integer beyond Python's int-to-str limit
+                raise CLIError(f"{where}: not valid JSON ({_one_line(e)[:120]})") from None
             if not isinstance(row, dict):
                 raise CLIError(f'{where}: expected an object {{"text": ..., "task": ...}}, '
                                f"got {type(row).__name__}")
             for key in ("text", "task"):
                 if not isinstance(row.get(key), str) or not row[key].strip():
-                    raise CLIError(f"{where}: {key!r} must be a non-empty string, got {row.get(key)!r}")
+                    raise CLIError(f"{where}: {key!r} must be a non-empty string, got "
+                                   f"{repr(row.get(key))[:80]}")
+                try:
+                    row[key].encode("utf-8")
+                except UnicodeEncodeError:
+                    raise CLIError(f"{where}: {key!r} holds a lone surrogate (\\ud800-\\udfff), "
+                                   "which is not valid Unicode") from None
             texts.append(row["text"])
             tasks.append(row["task"])
     if not texts:
@@ -161,10 +173,11 @@ def read_task_jsonl(path: Path) -> tuple[list[str], list[str]]:
 
 def cmd_train_router(args) -> int:
     from .router import Router
+    from .router.model import CONFIG_NAME
 
     data = existing_dir(args.data, "--data", kind="file")
     tokenizer_dir = existing_dir(args.tokenizer, "--tokenizer")
-    out = writable_dir(args.out, "--out")
+    out = output_dir(args.out, "--out", kind="a router", marker=CONFIG_NAME, overwrite=args.overwrite)
     if not 0.0 <= args.val_fraction < 1.0:
         raise CLIError(f"--val-fraction must be in [0, 1), got {args.val_fraction}")
     texts, tasks = read_task_jsonl(data)
@@ -176,7 +189,7 @@ def cmd_train_router(args) -> int:
         router.save(out)
     except OSError as e:  # a full disk, a read-only file system: the old --out is left as it was
         raise CLIError(f"--out: {_one_line(e)}") from None
-    print(f"router saved to {out}/ (labels: {', '.join(router.label_names)})")
+    print(f"router saved to {args.out}/ (labels: {', '.join(router.label_names)})")
     return 0
 
 
@@ -255,6 +268,7 @@ def cmd_inspect(args) -> int:
 def cmd_export_mixture(args) -> int:
     import torch
 
+    from .adapters import CONFIG_NAME as ADAPTER_CONFIG
     from .bank import LoRABank
     from .export import MIXTURE_NAME, VLLM_MAX_LORA_RANKS, ExportError, export_mixture
 
@@ -267,7 +281,7 @@ def cmd_export_mixture(args) -> int:
     if args.prompt is not None and not args.prompt.strip():
         raise CLIError("--prompt: empty prompt")
     check_top_p_arg(args.top_p)
-    out = writable_dir(args.out, "--out")
+    out = output_dir(args.out, "--out", kind="an adapter", marker=ADAPTER_CONFIG, overwrite=args.overwrite)
 
     bank = LoRABank.from_peft(adapters)
     if router_dir is None:
@@ -335,7 +349,15 @@ def cmd_bench(args) -> int:
 
 
 def cmd_serve(args) -> int:
-    """An OpenAI-compatible server on Ray Serve until Ctrl-C; every argument is checked before Ray starts."""
+    """An OpenAI-compatible server on Ray Serve until Ctrl-C or SIGTERM; every argument is checked first.
+
+    Without --address it starts a private local Ray cluster (never one found through RAY_ADDRESS or
+    `ray start`), and stopping shuts that cluster down; with --address it joins that cluster and
+    stopping deletes only this application.
+    """
+    from ._env import API_KEY_ENV
+    from ._env import api_key as api_key_from_env
+
     model_dir = existing_dir(args.model, "--model")
     if not (model_dir / "config.json").is_file():
         raise CLIError(f"--model: {model_dir} has no config.json (not a Hugging Face model directory)")
@@ -351,6 +373,11 @@ def cmd_serve(args) -> int:
     check_top_p_arg(args.top_p)
     if args.address is None:  # a cluster's GPUs are on its nodes, not necessarily here
         parse_device(args.device)
+    api_key = args.api_key or api_key_from_env()
+    if api_key is None and not _is_loopback(args.host):
+        print(f"dlp-lora serve: warning: --host {args.host} accepts requests from other machines and no API "
+              f"key is set: anyone who can reach port {args.port} can use the server; give --api-key or "
+              f"{API_KEY_ENV}", file=sys.stderr, flush=True)
     try:
         import ray
         from ray import serve
@@ -361,13 +388,19 @@ def cmd_serve(args) -> int:
                        f"({_one_line(e)})") from None
     app = build_app(model=model_dir, adapters=adapters, router=router_dir, replicas=args.replicas,
                     device=args.device, max_batch_size=args.max_batch_size, batch_wait_ms=args.batch_wait_ms,
-                    reroute=args.reroute, top_p=args.top_p, max_loras=args.max_loras)  # ValueError: one line
+                    reroute=args.reroute, top_p=args.top_p, max_loras=args.max_loras,
+                    model_name=args.served_model_name, api_key=api_key)  # ValueError: one line
 
+    import os
     import signal
     import time
 
-    signal.signal(signal.SIGTERM, signal.default_int_handler)  # `kill` stops as cleanly as Ctrl-C
-    ray.init(address=args.address)
+    if args.address is None:
+        os.environ.pop("RAY_ADDRESS", None)  # our private cluster's processes must not look elsewhere
+    # "local": a new cluster of our own, even where RAY_ADDRESS or `ray start` names another one.
+    ray.init(address=args.address or "local")
+    # After ray.init(), which installs its own SIGTERM handler: `kill` stops as cleanly as Ctrl-C.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         serve.start(http_options={"host": args.host, "port": args.port})
         try:
@@ -375,13 +408,15 @@ def cmd_serve(args) -> int:
         except Exception as e:  # a replica that cannot load (e.g. adapters for another model)
             lines = [line for line in str(e).splitlines() if line.strip()]
             raise CLIError(f"the server did not start: {lines[-1] if lines else type(e).__name__}") from None
-        print(f"dlp-lora serve: ready at http://{args.host}:{args.port}/v1 ({args.replicas} replica(s), "
+        host, port = _serve_http_address(args.host, args.port)
+        print(f"dlp-lora serve: ready at http://{host}:{port}/v1 ({args.replicas} replica(s), "
               f"max batch {args.max_batch_size}); Ctrl-C stops", flush=True)
         while True:
             time.sleep(1)
     except KeyboardInterrupt:
         print("dlp-lora serve: stopping", flush=True)
     finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
         if args.address:  # a cluster of others: remove only this app
             with contextlib.suppress(Exception):
                 serve.delete(APP_NAME)
@@ -389,6 +424,30 @@ def cmd_serve(args) -> int:
             serve.shutdown()
         ray.shutdown()
     return 0
+
+
+def _is_loopback(host: str) -> bool:
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _serve_http_address(host: str, port: int) -> tuple[str, int]:
+    """Where Serve's HTTP proxy really listens: on a cluster where Serve already ran, its own options
+    win over --host/--port. A wildcard host is shown as 127.0.0.1 (a URL that works here)."""
+    try:
+        from ray.serve.context import _get_global_client
+
+        config = _get_global_client().http_config
+        host, port = config.host, config.port
+    except Exception:  # noqa: BLE001 - a Ray without this (private) accessor: what we asked for
+        pass
+    return ("127.0.0.1" if host in ("0.0.0.0", "::") else host), port
 
 
 # ---- parser and entry point -----------------------------------------------------------------------
@@ -408,8 +467,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokenizer", required=True, metavar="MODEL_DIR", help="the base model's directory")
     p.add_argument("--out", required=True, metavar="DIR", help="where to save the router")
     p.add_argument("--val-fraction", type=float, default=0.1, help="share held out (default 0.1)")
-    p.add_argument("--epochs", type=int, default=6)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--epochs", type=int, default=6, help="passes over the training texts (default 6)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of the initial weights, the held-out split and the shuffling (default 0)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace a router already in --out (a directory holding anything else is refused)")
     p.set_defaults(func=cmd_train_router)
 
     p = sub.add_parser("generate", help="generate with routed (or fixed) adapter mixtures",
@@ -451,7 +513,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-loras", type=int, default=None, help="cap on adapters per mixture")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="cuda: one GPU per replica")
     p.add_argument("--address", default=None,
-                   help="join a running Ray cluster ('auto', or HOST:PORT) instead of starting one")
+                   help="join a running Ray cluster ('auto', or HOST:PORT); without it a private local "
+                        "cluster is started")
+    p.add_argument("--served-model-name", default=None, metavar="NAME",
+                   help="the model name clients send (default: the model directory's name)")
+    p.add_argument("--api-key", default=None, metavar="KEY",
+                   help="require `Authorization: Bearer KEY` on /v1/ routes (default: $DLP_LORA_API_KEY; "
+                        "none: no check)")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("export-mixture", help="write one mixture as a single PEFT LoRA (for vLLM, SGLang)",

@@ -59,19 +59,16 @@ class Mixture(Mapping[str, float]):
             raise MixtureError(f"must be a mapping {{adapter name: weight}}, got {type(weights).__name__}")
         if not weights:
             raise MixtureError("is empty: name at least one adapter with its weight")
-        unknown = [name for name in weights if name not in adapters]
-        if unknown:
-            raise MixtureError(f"names unknown adapter(s) {unknown}; the adapters are {list(adapters)}")
+        _check_names(weights, adapters)
         for name, weight in weights.items():
-            if (isinstance(weight, bool) or not isinstance(weight, numbers.Real) or not math.isfinite(weight)
-                    or abs(weight) > MAX_MIXTURE_WEIGHT):
+            if not _is_weight(weight):
                 raise MixtureError(
-                    f"weight of {name!r} must be a finite number with |weight| <= {MAX_MIXTURE_WEIGHT:g} "
-                    f"(negative weights are allowed), got {weight!r}")
+                    f"weight of {_show(name)} must be a finite number with |weight| <= "
+                    f"{MAX_MIXTURE_WEIGHT:g} (negative weights are allowed), got {_show(weight)}")
         self._weights = {name: float(w) for name, w in weights.items() if w != 0}
         self.dropped = tuple(name for name, w in weights.items() if w == 0)
         if not self._weights:
-            raise MixtureError(f"has only zero weights ({dict(weights)}): that is the base model, "
+            raise MixtureError(f"has only zero weights ({_show(dict(weights))}): that is the base model, "
                                "not a mixture")
 
     def __getitem__(self, name: str) -> float:
@@ -98,6 +95,28 @@ class Mixture(Mapping[str, float]):
         return tuple(index[name] for name in self._weights), tuple(self._weights.values())
 
     def _check_names(self, names: Sequence[str]) -> None:
-        unknown = [name for name in self._weights if name not in names]
-        if unknown:
-            raise MixtureError(f"names unknown adapter(s) {unknown}; the adapters are {list(names)}")
+        _check_names(self._weights, names)
+
+
+def _check_names(weights: Mapping, adapters: Sequence[str]) -> None:
+    unknown = [name for name in weights if name not in adapters]
+    if unknown:
+        shown = ", ".join(_show(name) for name in unknown[:4]) + (f" and {len(unknown) - 4} more"
+                                                                 if len(unknown) > 4 else "")
+        raise MixtureError(f"names unknown adapter(s) [{shown}]; the adapters are {list(adapters)}")
+
+
+def _is_weight(value) -> bool:
+    """A real number (not a bool), finite, within the bound; a huge integer is not (it overflows float)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        return False
+    try:
+        return math.isfinite(value) and abs(value) <= MAX_MIXTURE_WEIGHT
+    except OverflowError:
+        return False
+
+
+def _show(value, limit: int = 60) -> str:
+    """repr(value) cut to ``limit`` characters: a refusal echoes what it refuses, not megabytes of it."""
+    text = " ".join(repr(value).split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."

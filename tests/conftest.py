@@ -38,3 +38,21 @@ def task_adapters(tmp_path_factory):
     base = tiny_model("llama", seed=7)
     root = tmp_path_factory.mktemp("task_adapters")
     return base, {t: make_adapter(base, root / t, seed=70 + i) for i, t in enumerate(TASKS)}
+
+
+@pytest.fixture(scope="session")
+def ray_serve():
+    """One local Ray cluster (4 logical CPUs) with Serve's HTTP proxy on 127.0.0.1, for every serving test
+    module of the session (each deploys and deletes its own applications): {"port", "address"}."""
+    ray = pytest.importorskip("ray", reason="needs the serve extra: pip install 'dlp-lora[serve]'")
+    from ray import serve
+    from serving_fixtures import free_port
+
+    port = free_port()
+    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        yield {"port": port, "address": ray.get_runtime_context().gcs_address}
+    finally:
+        serve.shutdown()
+        ray.shutdown()

@@ -90,3 +90,33 @@ def generate_alone(model, tokenizer, prompt: str, max_tokens: int, mixture: dict
         "routing": [{"position": r.position, "adapters": dict(zip(r.adapters, r.weights, strict=True)),
                      "reason": r.reason} for r in sorted(records, key=lambda r: r.position)],
     }
+
+
+def http_request(url: str, body=None, headers: dict | None = None, method: str | None = None,
+                 timeout: float = 60) -> tuple[int, dict | str]:
+    """(status, parsed JSON or the text) of one HTTP request; body: bytes, or an object sent as JSON."""
+    import json
+    import urllib.error
+    import urllib.request
+
+    data = body if body is None or isinstance(body, bytes) else json.dumps(body).encode()
+    request = urllib.request.Request(url, data=data, method=method,
+                                     headers={"Content-Type": "application/json", **(headers or {})})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            status, text = response.status, response.read().decode()
+    except urllib.error.HTTPError as error:
+        status, text = error.code, error.read().decode()
+    try:
+        return status, json.loads(text)
+    except json.JSONDecodeError:
+        return status, text
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -447,7 +447,7 @@ def test_cli_refuses_a_non_empty_out(llama, tmp_path, capsys):
     capsys.readouterr()
     assert _cli(adapters, "--mixture", "plain=0.5", "--out", str(out)) == 2
     err = capsys.readouterr().err
-    assert err.startswith("dlp-lora export-mixture: error: --out:") and "not empty" in err
+    assert err.startswith("dlp-lora export-mixture: error: --out:") and "--overwrite" in err
     assert (out / MIXTURE_NAME).read_bytes() == before
     assert _cli(adapters, "--mixture", "plain=0.5", "--out", str(out), "--overwrite") == 0
     assert json.loads((out / MIXTURE_NAME).read_text())["adapters"][0]["weight"] == 0.5

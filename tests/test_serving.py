@@ -1,10 +1,9 @@
-"""`dlp-lora serve` end to end: a real local Ray cluster (2 CPUs), the app with 2 replicas on
-127.0.0.1, plain HTTP and the official `openai` client. Started once for the module (~20 s)."""
+"""`dlp-lora serve` end to end: the session's local Ray cluster (conftest.ray_serve), the app with 2
+replicas on 127.0.0.1, plain HTTP and the official `openai` client. Deployed once for the module."""
 
 from __future__ import annotations
 
 import json
-import socket
 import threading
 import time
 import urllib.error
@@ -25,27 +24,17 @@ from dlp_lora.serving.loading import load_engine  # noqa: E402
 TIMEOUT_S = 60  # per HTTP request
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
+def server(tmp_path_factory, ray_serve):
     art = sf.build(tmp_path_factory.mktemp("serving"))
-    port = _free_port()
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    # A long batch wait, so that requests sent together surely meet in one batch.
+    app = build_app(model=art["model"], adapters=art["adapters"], router=art["router"], replicas=2,
+                    max_batch_size=8, batch_wait_ms=250)
+    serve.run(app, name=APP_NAME, route_prefix="/")
     try:
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
-        # A long batch wait, so that requests sent together surely meet in one batch.
-        app = build_app(model=art["model"], adapters=art["adapters"], router=art["router"], replicas=2,
-                        max_batch_size=8, batch_wait_ms=250)
-        serve.run(app, name=APP_NAME, route_prefix="/")
-        yield {"base": f"http://127.0.0.1:{port}", "art": art}
+        yield {"base": f"http://127.0.0.1:{ray_serve['port']}", "art": art}
     finally:
-        serve.shutdown()
-        ray.shutdown()
+        serve.delete(APP_NAME)
 
 
 @pytest.fixture(scope="module")
@@ -60,18 +49,7 @@ def _expected(oracle, prompt, max_tokens, mixture=None, routing_top_p=None, max_
 
 
 def _post(server, body, path="/v1/completions") -> tuple[int, dict | str]:
-    data = body if isinstance(body, bytes) else json.dumps(body).encode()
-    request = urllib.request.Request(server["base"] + path, data=data,
-                                     headers={"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(request, timeout=TIMEOUT_S) as response:
-            status, text = response.status, response.read().decode()
-    except urllib.error.HTTPError as error:
-        status, text = error.code, error.read().decode()
-    try:
-        return status, json.loads(text)
-    except json.JSONDecodeError:
-        return status, text
+    return sf.http_request(server["base"] + path, body, timeout=TIMEOUT_S)
 
 
 def _get(server, path) -> dict:

@@ -112,6 +112,32 @@ def test_sampling_settings_split_calls_and_a_seed_fixes_a_row(engine):
     assert again[2].text == results[0].text
 
 
+def test_a_cancelled_row_ends_within_a_step_and_frees_the_call(engine, oracle):
+    """Cancelled after its 3rd token: the row ends at the next step, the others run to their end; a row
+    cancelled before its call never runs; the event does not travel when a row is pickled."""
+    import pickle
+
+    left, other = sf.PROMPTS[0], sf.PROMPTS[1]
+    pieces: list[str] = []
+
+    def on_text(piece):  # the client leaves once 3 tokens (words, for this tokenizer) have come out
+        pieces.append(piece)
+        if len(engine.encode("".join(pieces))) >= 3:
+            row.cancelled.set()
+
+    row = GenerationRow(engine.encode(left), max_tokens=40, on_text=on_text)
+
+    gone = GenerationRow(engine.encode(other), max_tokens=40)
+    gone.cancelled.set()
+    stays = GenerationRow(engine.encode(other), max_tokens=12)
+    cancelled, never, done = engine.run([row, gone, stays])
+    assert cancelled.finish_reason == "cancelled" and 3 <= cancelled.completion_tokens <= 5, cancelled
+    assert (never.finish_reason, never.completion_tokens) == ("cancelled", 0)
+    assert done.text == _alone(oracle, other, 12)["text"] and done.finish_reason != "cancelled"
+    copy = pickle.loads(pickle.dumps(gone))
+    assert not copy.cancelled.is_set() and copy.prompt_ids == gone.prompt_ids and copy.on_text is None
+
+
 def test_rows_waiting_for_a_busy_model_merge_into_its_next_call():
     """What arrives while a call runs goes into the next one, oldest first, up to max_batch_size."""
 

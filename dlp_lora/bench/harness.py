@@ -65,7 +65,7 @@ from pathlib import Path
 
 import torch
 
-from .._atomic import unwritable_reason
+from .._atomic import check_output_file
 from .provenance import load_average, machine_info, timestamp, versions
 from .report import evaluate_goals, plot_scaling, print_summary, save_result, summarize
 from .timing import generate_options, run_interleaved, time_generate
@@ -224,10 +224,14 @@ def settings_from_args(args: argparse.Namespace) -> BenchSettings:
 
 
 def check_output(path: Path | None, flag: str) -> None:
-    """Refuse, before any work, an output file that could not be written at the end of a long run."""
-    reason = path and unwritable_reason(path, directory=False)
-    if reason:
-        raise ValueError(f"{flag}: {reason}")
+    """Refuse, before any work, an output file that could not be written at the end of a long run
+    (a directory, an unwritable place, a dangling symlink; a symlink to a file is written through)."""
+    if path is None:
+        return
+    try:
+        check_output_file(path)
+    except ValueError as e:
+        raise ValueError(f"{flag}: {e}") from None
 
 
 def run(args: argparse.Namespace) -> dict:

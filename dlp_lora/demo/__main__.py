@@ -46,7 +46,21 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
+    from .._atomic import check_output_dir, unwritable_reason
     from . import shipped
+
+    # Outputs are checked before minutes of work: --rebuild-base replaces DIR, so only ever a demo base.
+    try:
+        if args.rebuild_base:
+            check_output_dir(args.rebuild_base, kind="a demo base", overwrite=True,
+                             holds_one=lambda d: (d / shipped.MANIFEST).is_file())
+    except ValueError as e:
+        print(f"{parser.prog}: error: --rebuild-base: {e}", file=sys.stderr)
+        return 2
+    reason = args.out and unwritable_reason(args.out, directory=True)
+    if reason:
+        print(f"{parser.prog}: error: --out: {reason}", file=sys.stderr)
+        return 2
 
     # One thread by default: on a machine that is busy with anything else, OpenMP spin-waits made
     # steps 10-50x slower, for ~1.2x on an idle one.

@@ -27,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+from .._atomic import atomic_write_text
 from .._env import DEMO_DIR_ENV
 from ..bench.provenance import load_average, machine_info, timestamp, versions
 from ..options import DEFAULT_TOP_P
@@ -238,7 +239,7 @@ def _run(recipe: build.Recipe, cache: str | Path | None, out: str | Path, top_p:
         "machine": machine_info(), "versions": versions(),
         "load_average": {"start": load_start, "end": load_average()},
     }
-    (out / "composite.json").write_text(json.dumps(payload, indent=2) + "\n")
+    atomic_write_text(out / "composite.json", json.dumps(payload, indent=2) + "\n")
     png = plot(result, out / "composite.png")
     log(f"\ntime: {time_summary(art.seconds, setup_seconds, eval_seconds)}")
     log(f"results: {out.resolve()}/ (composite.json{', composite.png' if png else ''})")

@@ -81,15 +81,20 @@ def hashed_features(
 
 
 _ARCH_ARGS = ("num_buckets", "embed_dim", "hidden", "num_layers", "dropout")
+# Upper bounds of the sizes, checked before any module is built: a damaged or hostile config must not
+# make Router.load build a million layers (Python objects, even on the meta device) before refusing.
+# Far above any useful router (the paper's has 4 layers; the defaults are 2^16 buckets, 64, 256).
+_ARCH_BOUNDS = {"num_buckets": (2, _MOD), "embed_dim": (1, 1 << 16), "hidden": (1, 1 << 16),
+                "num_layers": (1, 64)}
 
 
 def _check_arch(num_buckets, embed_dim, hidden, num_layers, dropout) -> dict:
-    for name, value, low in (("num_buckets", num_buckets, 2), ("embed_dim", embed_dim, 1),
-                             ("hidden", hidden, 1), ("num_layers", num_layers, 1)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < low:
-            raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
-    if num_buckets > _MOD:
-        raise ValueError(f"num_buckets must be <= 2^31-1, got {num_buckets}")
+    values = {"num_buckets": num_buckets, "embed_dim": embed_dim, "hidden": hidden, "num_layers": num_layers}
+    for name, value in values.items():
+        low, high = _ARCH_BOUNDS[name]
+        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+            shown = repr(value) if len(repr(value)) < 40 else repr(value)[:37] + "..."
+            raise ValueError(f"{name} must be an integer in [{low}, {high}], got {shown}")
     if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
         raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
     return dict(num_buckets=num_buckets, embed_dim=embed_dim, hidden=hidden, num_layers=num_layers,

@@ -24,10 +24,16 @@ a 503 naming the cause. Ray Serve starts a replacement replica meanwhile.
 """
 
 # No `from __future__ import annotations`: FastAPI reads the route signatures (e.g. Request) at runtime.
+# Everything the routes call is defined above the class: `@serve.ingress(api)` takes the routes as they
+# are when the class body is defined, so a helper defined further down would be a NameError there.
 
 import asyncio
+import concurrent.futures
+import copy
 import json
 import math
+import secrets
+import threading
 import time
 from pathlib import Path
 
@@ -35,12 +41,14 @@ import ray
 from fastapi import FastAPI, Request
 from ray import serve
 from ray.serve.handle import DeploymentHandle
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import JSONResponse, StreamingResponse
 
 from ..options import DEFAULT_REROUTE, DEFAULT_TOP_P, REROUTE_MODES
 from .engine import BatchRunner, GenerationRow, RowResult
 from .loading import ServeConfig, check_artifacts, load_engine, load_front
 from .protocol import (
+    MAX_REQUEST_BYTES,
     STREAM_DONE,
     APIError,
     CompletionRequest,
@@ -49,6 +57,8 @@ from .protocol import (
     completion_response,
     models_list,
     parse_completion_request,
+    replica_error,
+    row_error,
     stream_chunk,
     usage,
 )
@@ -64,13 +74,101 @@ FRONT_ONGOING_REQUESTS = 1024
 ATTEMPTS = 3  # tries of a request whose model replica died under it
 # A replica that died, or cannot be reached: the request may run again elsewhere.
 REPLICA_LOST = (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError)
+HEALTH_TIMEOUT_S = 2.0  # /health answers 503 when no model replica answers within this
+TOKENIZER_THREADS = 2  # tokenising runs in these threads, never on the front's event loop
 
 api = FastAPI(title="dlp-lora", docs_url=None, redoc_url=None, openapi_url=None)
 
 
+def _error_response(error: APIError, headers: dict | None = None) -> JSONResponse:
+    return JSONResponse(error.body(), status_code=error.status, headers=headers)
+
+
+@api.exception_handler(StarletteHTTPException)
+async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    """404 (no such route) and 405 (wrong method) in OpenAI's error body, not FastAPI's {"detail"}."""
+    codes = {404: "not_found", 405: "method_not_allowed"}
+    message = {404: f"no route {request.url.path}",
+               405: f"{request.method} is not allowed on {request.url.path}"}.get(exc.status_code, exc.detail)
+    error = APIError(str(message), status=exc.status_code, code=codes.get(exc.status_code))
+    return _error_response(error, headers=getattr(exc, "headers", None))
+
+
+@api.exception_handler(Exception)
+async def _unexpected_error(request: Request, exc: Exception) -> JSONResponse:
+    """A bug: OpenAI's 500 body naming the exception's type, never a traceback or a path."""
+    error = APIError(f"internal error ({type(exc).__name__})", status=500, type="server_error")
+    return _error_response(error)
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    """The body, refused with 413 when over ``limit`` bytes: by Content-Length before reading anything,
+    and while reading a body without one (chunked), as soon as the limit is passed."""
+    too_large = APIError(f"the request body exceeds {limit} bytes", status=413, code="request_too_large")
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        if not declared.isdigit():
+            raise APIError("Content-Length is not a number", code="invalid_request")
+        if int(declared) > limit:
+            raise too_large
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise too_large
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _check_api_key(request: Request, api_key: str | None) -> None:
+    """OpenAI's `Authorization: Bearer KEY` (vLLM's --api-key): 401 unless it carries the key."""
+    if api_key is None:
+        return
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not secrets.compare_digest(token.strip().encode(), api_key.encode()):
+        raise APIError("incorrect or missing API key; send the header `Authorization: Bearer <key>`",
+                       status=401, code="invalid_api_key")
+
+
+class _Tokenizers:
+    """Tokenises prompts in a few threads, so a huge prompt never blocks the front's event loop.
+
+    Each thread has its own copy of the tokenizer: a fast tokenizer is not safe to call from two
+    threads at once ("Already borrowed").
+    """
+
+    def __init__(self, tokenizer, threads: int = TOKENIZER_THREADS):
+        self._tokenizer, self._local = tokenizer, threading.local()
+        self._pool = concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix="dlp-tokenize")
+
+    def _encode(self, prompts: list[str]) -> list[list[int]]:
+        tokenizer = getattr(self._local, "tokenizer", None)
+        if tokenizer is None:
+            tokenizer = self._local.tokenizer = copy.deepcopy(self._tokenizer)
+        return [list(ids) for ids in tokenizer(prompts)["input_ids"]]
+
+    async def encode(self, prompts: list[str]) -> list[list[int]]:
+        return await asyncio.get_running_loop().run_in_executor(self._pool, self._encode, prompts)
+
+
+async def _awaited(response):
+    """A DeploymentResponse as a coroutine (asyncio.wait_for takes coroutines, not awaitables)."""
+    return await response
+
+
+def _task_result(task: asyncio.Task):
+    if task.cancelled():
+        return RuntimeError("the generation was cancelled")
+    return task.exception() or task.result()
+
+
 @serve.deployment
 class DLPLoRAModel:
-    """One model replica. user_config: {"max_batch_size": int, "batch_wait_ms": float}."""
+    """One model replica. user_config: {"max_batch_size": int, "batch_wait_ms": float}.
+
+    A call that Ray Serve cancels (its HTTP client disconnected) or a stream that is closed sets
+    its rows' ``cancelled`` event: the engine ends them within a step and skips those not started.
+    """
 
     def __init__(self, config: ServeConfig):
         self.engine = load_engine(config)
@@ -83,7 +181,12 @@ class DLPLoRAModel:
 
     async def complete(self, rows: list[GenerationRow]) -> list:
         """The RowResult (or the exception) of every row, each row batched with whatever else arrives."""
-        return list(await asyncio.gather(*(self._generate(row) for row in rows)))
+        try:
+            return list(await asyncio.gather(*(self._generate(row) for row in rows)))
+        except asyncio.CancelledError:  # the client left: nobody reads these rows any more
+            for row in rows:
+                row.cancelled.set()
+            raise
 
     async def stream(self, rows: list[GenerationRow]):
         """Yields ("text", row index, piece) as text is generated and ("done", row index, result) per row."""
@@ -98,16 +201,26 @@ class DLPLoRAModel:
         for index, row in enumerate(rows):
             task = asyncio.ensure_future(self._generate(row))
             task.add_done_callback(lambda t, i=index: events.put_nowait(("done", i, _task_result(t))))
-        finished = 0
-        while finished < len(rows):
-            event = await events.get()
-            finished += event[0] == "done"
-            yield event
+        finished: set[int] = set()
+        try:
+            while len(finished) < len(rows):
+                event = await events.get()
+                if event[0] == "done":
+                    finished.add(event[1])
+                yield event
+        finally:  # closed or cancelled before every row was done: its client left
+            for index, row in enumerate(rows):
+                if index not in finished:
+                    row.cancelled.set()
 
     def health(self) -> dict:
+        """Counts only: rows generating now, rows waiting, generate() calls and their sizes."""
         return {
-            "replica": ray.get_runtime_context().get_actor_name(),
+            "running": self.runner.running,
+            "waiting": self.runner.waiting,
             "generate_calls": self.engine.calls,
+            "generated_tokens": self.runner.generated_tokens,
+            "cancelled_rows": self.runner.cancelled_rows,
             "call_sizes": {str(k): v for k, v in sorted(self.runner.call_sizes.items())},
         }
 
@@ -124,74 +237,97 @@ class DLPLoRAServer:
     """The HTTP front: OpenAI's routes; validates, tokenises, and sends rows to a DLPLoRAModel replica."""
 
     def __init__(self, config: ServeConfig, model: DeploymentHandle):
-        self.tokenizer, self.served = load_front(config)
+        tokenizer, self.served = load_front(config)
+        self.tokenizers = _Tokenizers(tokenizer)
+        self.api_key, self.max_request_bytes = config.api_key, config.max_request_bytes
         self.model = model
         self.created = int(time.time())
         self.retries = 0  # requests sent again because their model replica died
 
     @api.get("/health")
     async def health(self):
+        """At once: 200 with the model replica's counts, or 503 when no replica answers in time."""
+        response = self.model.health.remote()
         try:
-            replica = await self.model.health.remote()
-        except REPLICA_LOST as error:
-            return JSONResponse(_replica_error(error).body(), status_code=503)
-        return {"status": "ok", "model_replica": replica, "front_retries": self.retries}
+            counts = await asyncio.wait_for(_awaited(response), HEALTH_TIMEOUT_S)
+        except Exception as error:  # noqa: BLE001 - a timeout, a dead or restarting replica: not serving
+            response.cancel()
+            timed_out = isinstance(error, asyncio.TimeoutError)
+            cause = f"no answer within {HEALTH_TIMEOUT_S:g} s" if timed_out else type(error).__name__
+            return _error_response(APIError(f"no model replica can serve now ({cause})", status=503,
+                                            type="server_error", code="replica_unavailable"))
+        return {"status": "ok", "model_replica": counts, "front_retries": self.retries}
 
     @api.get("/v1/models")
-    async def models(self) -> dict:
+    async def models(self, request: Request):
+        try:
+            _check_api_key(request, self.api_key)
+        except APIError as error:
+            return _error_response(error)
         return models_list(self.served, self.created)
 
     @api.post("/v1/completions")
     async def completions(self, request: Request):
         try:
-            parsed = parse_completion_request(await request.body(), self.served)
-            rows = [self._row(parsed, i) for i in range(len(parsed.prompts))]
+            _check_api_key(request, self.api_key)
+            parsed = parse_completion_request(await _read_body(request, self.max_request_bytes), self.served)
+            rows = await self._rows(parsed)
         except APIError as error:
-            return JSONResponse(error.body(), status_code=error.status)
+            return _error_response(error)
         if parsed.stream:
             return StreamingResponse(self._stream(parsed, rows), media_type="text/event-stream")
         last = None
         for _ in range(ATTEMPTS):
+            response = self.model.complete.remote(rows)
             try:
-                results = await self.model.complete.remote(rows)
+                results = await response
                 break
             except REPLICA_LOST as error:
                 last = error
                 self.retries += 1
+            except asyncio.CancelledError:  # the client disconnected: stop its rows on the replica
+                response.cancel()
+                raise
         else:
-            error = _replica_error(last)
-            return JSONResponse(error.body(), status_code=error.status)
+            return _error_response(replica_error(last, ATTEMPTS))
         for result in results:
             if not isinstance(result, RowResult):
-                error = _row_error(result)
-                return JSONResponse(error.body(), status_code=error.status)
+                return _error_response(row_error(result))
         choices = [choice(i, r.text, r.finish_reason, r.routing) for i, r in enumerate(results)]
         tokens = usage(sum(r.prompt_tokens for r in results), sum(r.completion_tokens for r in results))
         body = completion_response(parsed, choices, tokens, batch_size=max(r.batch_size for r in results))
         return JSONResponse(body)
 
-    def _row(self, request: CompletionRequest, index: int) -> GenerationRow:
-        prompt_ids = list(self.tokenizer(request.prompts[index])["input_ids"])
-        check_prompt_length(len(prompt_ids), request, self.served, index)
-        return GenerationRow(
-            prompt_ids=prompt_ids,
-            max_tokens=request.max_tokens,
-            stop=request.stop,
-            mixture=request.mixture,
-            routing_top_p=request.routing_top_p,
-            max_loras=request.max_loras,
-            temperature=request.temperature,
-            top_p=request.top_p,
-            seed=request.seed,
-        )
+    async def _rows(self, request: CompletionRequest) -> list[GenerationRow]:
+        """Tokenise every prompt (off the event loop) and check it against the context."""
+        prompt_ids = await self.tokenizers.encode(request.prompts)
+        rows = []
+        for index, ids in enumerate(prompt_ids):
+            check_prompt_length(len(ids), request, self.served, index)
+            rows.append(GenerationRow(
+                prompt_ids=ids,
+                max_tokens=request.max_tokens,
+                stop=request.stop,
+                mixture=request.mixture,
+                routing_top_p=request.routing_top_p,
+                max_loras=request.max_loras,
+                temperature=request.temperature,
+                top_p=request.top_p,
+                seed=request.seed,
+            ))
+        return rows
 
     async def _stream(self, request: CompletionRequest, rows: list[GenerationRow]):
-        """Server-sent events: text as it is generated, then each choice's finish_reason and routing."""
+        """Server-sent events: text as it is generated, then each choice's finish_reason and routing.
+
+        Every stream ends with ``data: [DONE]``, a failed row's or a lost replica's error event before it.
+        """
         results: dict[int, object] = {}
         sent_text = False
         for attempt in range(ATTEMPTS):
+            events = self.model.options(stream=True).stream.remote(rows)
             try:
-                async for kind, index, payload in self.model.options(stream=True).stream.remote(rows):
+                async for kind, index, payload in events:
                     if kind == "text":
                         sent_text = True
                         yield stream_chunk(request, [choice(index, payload, None, None)])
@@ -201,45 +337,22 @@ class DLPLoRAServer:
                         final = choice(index, "", payload.finish_reason, payload.routing)
                         yield stream_chunk(request, [final], dlp_batch_size=payload.batch_size)
                     else:
-                        yield f"data: {json.dumps(_row_error(payload).body())}\n\n"
+                        yield f"data: {json.dumps(row_error(payload).body())}\n\n"
                 break
             except REPLICA_LOST as error:
                 self.retries += 1
                 if sent_text or results or attempt == ATTEMPTS - 1:  # the client has part of an answer
-                    yield f"data: {json.dumps(_replica_error(error).body())}\n\n"
+                    yield f"data: {json.dumps(replica_error(error, attempt + 1).body())}\n\n"
                     yield STREAM_DONE
                     return
+            except (asyncio.CancelledError, GeneratorExit):  # the client left: stop its rows
+                events.cancel()
+                raise
         done = [r for r in results.values() if isinstance(r, RowResult)]
         if request.include_usage:
             totals = usage(sum(r.prompt_tokens for r in done), sum(r.completion_tokens for r in done))
             yield stream_chunk(request, [], usage=totals)
         yield STREAM_DONE
-
-
-def _task_result(task: asyncio.Task):
-    if task.cancelled():
-        return RuntimeError("the generation was cancelled")
-    return task.exception() or task.result()
-
-
-def _row_error(error) -> APIError:
-    """The HTTP error of a row that failed inside generate(): 400 for bad input, else 500 naming it."""
-    if isinstance(error, APIError):
-        return error
-    if isinstance(error, ValueError):
-        return APIError(f"invalid request: {error}")
-    return APIError(f"generation failed: {type(error).__name__}: {error}", status=500, type="server_error")
-
-
-def _replica_error(error: BaseException) -> APIError:
-    cause = " ".join(str(error).split())[:300]
-    return APIError(
-        f"the model replica serving this request died or is unreachable ({type(error).__name__}: {cause}), "
-        f"{ATTEMPTS} times in a row; retry once Ray Serve has replaced it",
-        status=503,
-        type="server_error",
-        code="replica_unavailable",
-    )
 
 
 def build_app(
@@ -258,6 +371,8 @@ def build_app(
     model_name: str | None = None,
     cpus_per_replica: int = 1,
     max_ongoing_requests: int | None = None,
+    api_key: str | None = None,
+    max_request_bytes: int = MAX_REQUEST_BYTES,
 ) -> serve.Application:
     """The Ray Serve application (``serve.run`` it, or compose it); checks every argument first.
 
@@ -265,10 +380,12 @@ def build_app(
     device "cuda" gives each model replica one GPU; on "cpu" each reserves cpus_per_replica CPUs
     and uses as many torch threads (the front reserves none). top_p / max_loras: the router's
     defaults (requests override them with routing_top_p, max_loras). model_name: what clients send
-    as `model` (default: the model directory's name). Raises ValueError on a bad argument or file.
+    as `model` (default: the model directory's name). api_key: when given, /v1/ routes require
+    `Authorization: Bearer <api_key>` (401 otherwise). max_request_bytes: a larger body gets 413.
+    Raises ValueError on a bad argument or file.
     """
     for name, value in (("replicas", replicas), ("max_batch_size", max_batch_size),
-                        ("cpus_per_replica", cpus_per_replica)):
+                        ("cpus_per_replica", cpus_per_replica), ("max_request_bytes", max_request_bytes)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
     if isinstance(batch_wait_ms, bool) or not isinstance(batch_wait_ms, (int, float)) \
@@ -278,6 +395,11 @@ def build_app(
         raise ValueError(f"reroute must be one of {REROUTE_MODES}, got {reroute!r}")
     if not (device == "cpu" or device.startswith("cuda")):
         raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}")
+    if api_key is not None and (not isinstance(api_key, str) or not api_key.strip()
+                                or not api_key.isascii() or api_key != api_key.strip()):
+        raise ValueError("api_key must be a non-empty ASCII string without surrounding spaces")
+    if model_name is not None and (not isinstance(model_name, str) or not model_name.strip()):
+        raise ValueError(f"model_name must be a non-empty string, got {model_name!r}")
     adapters = {name: str(Path(path).resolve()) for name, path in adapters.items()}
     check_artifacts(model, adapters, router)
     gpu = device.startswith("cuda")
@@ -292,6 +414,8 @@ def build_app(
         max_loras=max_loras,
         model_name=model_name,
         threads=None if gpu else cpus_per_replica,
+        api_key=api_key,
+        max_request_bytes=max_request_bytes,
     )
     model_replicas = DLPLoRAModel.options(
         num_replicas=replicas,

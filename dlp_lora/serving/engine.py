@@ -42,6 +42,9 @@ class GenerationRow:
     routing_top_p / max_loras instead of the patch's defaults when given. temperature 0 = greedy.
     on_text: called from the generating thread with each new piece of the row's text, as soon as
     it is final (text that could still turn out to start a stop string is held back).
+    cancelled: set it (from any thread) when nobody waits for the row any more (its client left):
+    the row then ends within a step, finish_reason "cancelled", and a row not yet started never runs.
+    Neither on_text nor cancelled travels when the row is pickled (sent to a model replica).
     """
 
     prompt_ids: list[int]
@@ -54,6 +57,13 @@ class GenerationRow:
     top_p: float = 1.0
     seed: int | None = None
     on_text: Callable[[str], None] | None = field(default=None, repr=False, compare=False)
+    cancelled: threading.Event = field(default_factory=threading.Event, repr=False, compare=False)
+
+    def __getstate__(self) -> dict:
+        return {k: v for k, v in self.__dict__.items() if k not in ("on_text", "cancelled")}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state, on_text=None, cancelled=threading.Event())
 
 
 @dataclass
@@ -61,7 +71,8 @@ class RowResult:
     """The completion of one row.
 
     text: the generated text (stop string and EOS excluded); token_ids: the generated tokens the
-    text comes from; finish_reason: "stop" (EOS or a stop string) or "length" (max_tokens);
+    text comes from; finish_reason: "stop" (EOS or a stop string), "length" (max_tokens) or
+    "cancelled" (its cancelled event was set);
     routing: dlp_routing spans (see routing_spans); batch_size: rows of the generate() call.
     """
 
@@ -113,6 +124,11 @@ class CompletionEngine:
         for i, row in enumerate(rows):
             groups.setdefault(self._call_key(row, i), []).append(i)
         for indices in groups.values():
+            for i in [i for i in indices if rows[i].cancelled.is_set()]:
+                results[i] = _cancelled_result(rows[i])
+            indices = [i for i in indices if results[i] is None]
+            if not indices:
+                continue
             group = [rows[i] for i in indices]
             try:
                 outputs = self._generate(group)
@@ -222,6 +238,13 @@ class BatchRunner:
         self._wakeup: asyncio.Event | None = None
         self._task: asyncio.Task | None = None
         self.call_sizes: collections.Counter[int] = collections.Counter()  # generate() calls by rows
+        self.running = 0  # rows in the engine now
+        self.generated_tokens = 0  # tokens generated so far, cancelled rows' included
+        self.cancelled_rows = 0  # rows ended (or never started) because they were cancelled
+
+    @property
+    def waiting(self) -> int:
+        return len(self._pending)
 
     async def submit(self, rows: Sequence[GenerationRow]) -> list:
         loop = asyncio.get_running_loop()
@@ -242,11 +265,17 @@ class BatchRunner:
             take = [(row, future) for row, future in take if not future.cancelled()]
             if not take:
                 continue
+            self.running = len(take)
             try:
                 results = await asyncio.to_thread(self.engine.run, [row for row, _ in take])
             except Exception as error:  # noqa: BLE001 - engine.run reports rows; this is a bug, told to each
                 results = [error] * len(take)
-            rows_by_size = collections.Counter(r.batch_size for r in results if isinstance(r, RowResult))
+            finally:
+                self.running = 0
+            done = [r for r in results if isinstance(r, RowResult)]
+            self.generated_tokens += sum(r.completion_tokens for r in done)
+            self.cancelled_rows += sum(r.finish_reason == "cancelled" for r in done)
+            rows_by_size = collections.Counter(r.batch_size for r in done if r.batch_size)
             for size, count in rows_by_size.items():  # every row of a call is in this run
                 self.call_sizes[size] += count // size
             for (_, future), result in zip(take, results, strict=True):
@@ -301,6 +330,9 @@ class _RowTracker:
         if self.done:
             return  # generate() feeds a finished row padding
         self.generated += 1
+        if self.row.cancelled.is_set():  # nobody reads this row any more: end it, free the call
+            self.done, self.finish_reason = True, "cancelled"
+            return
         if token in self.engine.eos_ids:
             self._end("stop")
             return
@@ -332,6 +364,12 @@ class _RowTracker:
         if self.row.on_text is not None and upto > self._sent:
             self.row.on_text(self.text[self._sent:upto])
             self._sent = upto
+
+
+def _cancelled_result(row: GenerationRow) -> RowResult:
+    """A row cancelled before its call started: it never runs."""
+    return RowResult(text="", token_ids=[], finish_reason="cancelled", prompt_tokens=len(row.prompt_ids),
+                     completion_tokens=0, routing=[], batch_size=0)
 
 
 def _first_stop(text: str, stops: Sequence[str]) -> int | None:

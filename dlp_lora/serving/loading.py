@@ -16,6 +16,7 @@ from pathlib import Path
 from ..artifacts import label_mismatch
 from ..options import DEFAULT_REROUTE, DEFAULT_TOP_P
 from .engine import CompletionEngine
+from .protocol import MAX_REQUEST_BYTES
 
 __all__ = ["ServeConfig", "check_artifacts", "load_engine", "load_front"]
 
@@ -35,6 +36,8 @@ class ServeConfig:
     max_loras: int | None = None
     model_name: str | None = None  # the `model` clients send; default: the model directory's name
     threads: int | None = None  # torch threads per replica (CPU)
+    api_key: str | None = field(default=None, repr=False)  # the front's bearer key; None: no check
+    max_request_bytes: int = MAX_REQUEST_BYTES  # the front answers a larger body with 413
 
     @property
     def served_name(self) -> str:

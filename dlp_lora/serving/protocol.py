@@ -12,7 +12,9 @@ and each choice carries ``dlp_routing``, the adapters of every sentence span (se
 
 Every check here runs before a request joins a batch; a failure is an :class:`APIError`, which
 the server turns into ``{"error": {"message", "type", "param", "code"}}`` with its HTTP status.
-Plain Python (no web framework), so it is tested without a server.
+Hostile input is refused here too, as a 400: nesting deeper than MAX_JSON_DEPTH, integers beyond
+Python's int-to-string limit, lone surrogates in any string, a seed outside int64. Plain Python (no
+web framework), so it is tested without a server.
 """
 
 from __future__ import annotations
@@ -27,12 +29,16 @@ from dataclasses import dataclass, field
 from ..mixture import Mixture, MixtureError
 
 __all__ = [
+    "MAX_PROMPTS_PER_REQUEST",
+    "MAX_REQUEST_BYTES",
     "APIError",
     "CompletionRequest",
     "ServedModels",
     "completion_response",
     "models_list",
     "check_prompt_length",
+    "replica_error",
+    "row_error",
     "choice",
     "parse_completion_request",
     "stream_chunk",
@@ -42,6 +48,15 @@ __all__ = [
 DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 MAX_STOP_SEQUENCES = 4  # OpenAI's limit
 STREAM_DONE = "data: [DONE]\n\n"
+# Limits of one request. A body over MAX_REQUEST_BYTES is answered 413 before it is read; a prompt
+# list longer than MAX_PROMPTS_PER_REQUEST is refused (its rows would hold the model for everyone).
+MAX_REQUEST_BYTES = 1 << 20
+MAX_PROMPTS_PER_REQUEST = 64
+MAX_JSON_DEPTH = 16  # the deepest valid request is 3 levels (stream_options); refuse far deeper at once
+# A temperature below this samples from a distribution that overflows (1 / 1e-300 = inf): it is
+# greedy decoding, as vLLM treats it.
+GREEDY_TEMPERATURE = 1e-5
+INT64 = (-(2**63), 2**63 - 1)  # OpenAI's seed is an int64
 
 # OpenAI fields we accept only at their neutral value (anything else would be silently ignored).
 _NEUTRAL = {
@@ -90,6 +105,27 @@ class APIError(Exception):
 
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+def row_error(error: BaseException) -> APIError:
+    """The HTTP error of a row that failed inside generate(): 400 for bad input, else 500 naming it."""
+    if isinstance(error, APIError):
+        return error
+    if isinstance(error, ValueError):
+        return APIError(f"invalid request: {_short(str(error))}")
+    return APIError(f"generation failed: {type(error).__name__}: {_short(str(error))}", status=500,
+                    type="server_error")
+
+
+def replica_error(error: BaseException, attempts: int) -> APIError:
+    """503: the model replica of a request died or could not be reached, ``attempts`` times in a row."""
+    return APIError(
+        f"the model replica serving this request died or is unreachable ({type(error).__name__}: "
+        f"{_short(str(error))}), {attempts} time(s) in a row; retry once Ray Serve has replaced it",
+        status=503,
+        type="server_error",
+        code="replica_unavailable",
+    )
 
 
 @dataclass(frozen=True)
@@ -141,13 +177,19 @@ def parse_completion_request(body: bytes | str | Mapping, served: ServedModels) 
     if isinstance(body, (bytes, str)):
         try:
             body = json.loads(body)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise APIError(f"the request body is not valid JSON ({e})", code="invalid_json") from None
+        except RecursionError:
+            raise APIError(f"the request body is nested too deeply (at most {MAX_JSON_DEPTH} levels)",
+                           code="invalid_json") from None
+        except ValueError as e:  # JSONDecodeError, bad UTF-8, an integer beyond the int-to-str limit
+            raise APIError(f"the request body is not valid JSON ({_short(str(e))})",
+                           code="invalid_json") from None
+        _check_json(body)
     if not isinstance(body, Mapping):
         raise APIError(f"the request body must be a JSON object, got {type(body).__name__}")
     unknown = sorted(set(body) - _KNOWN)
     if unknown:
-        raise APIError(f"unrecognized request argument(s): {', '.join(unknown)}", param=unknown[0])
+        raise APIError(f"unrecognized request argument(s): {_short(', '.join(unknown))}",
+                       param=_short(unknown[0], 60))
     for name, neutral in _NEUTRAL.items():
         value = body.get(name, neutral)
         if value != neutral and not (name == "logit_bias" and value == {}):
@@ -173,8 +215,10 @@ def parse_completion_request(body: bytes | str | Mapping, served: ServedModels) 
             code="context_length_exceeded",
         )
     request.temperature = _number(body, "temperature", 1.0, low=0.0, high=2.0)
+    if request.temperature < GREEDY_TEMPERATURE:
+        request.temperature = 0.0
     request.top_p = _number(body, "top_p", 1.0, low=0.0, high=1.0, low_open=True)
-    request.seed = _integer(body, "seed", None)
+    request.seed = _integer(body, "seed", None, low=INT64[0], high=INT64[1])
     request.stop = _stop(body.get("stop"))
     request.stream = _boolean(body, "stream")
     options = body.get("stream_options")
@@ -289,6 +333,9 @@ def _prompts(prompt) -> list[str]:
     prompts = [prompt] if isinstance(prompt, str) else prompt
     if not isinstance(prompts, list) or not prompts:
         raise APIError("prompt must be a non-empty string or a non-empty list of strings", param="prompt")
+    if len(prompts) > MAX_PROMPTS_PER_REQUEST:
+        raise APIError(f"prompt holds {len(prompts)} prompts; at most {MAX_PROMPTS_PER_REQUEST} per request",
+                       param="prompt")
     for i, text in enumerate(prompts):
         param = "prompt" if isinstance(prompt, str) else f"prompt[{i}]"
         if isinstance(text, int) or (isinstance(text, list) and text and isinstance(text[0], int)):
@@ -304,23 +351,77 @@ def _number(body: Mapping, name: str, default, *, low: float, high: float, low_o
     value = body.get(name)
     if value is None:
         return default
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise APIError(f"{name} must be a number, got {value!r}", param=name)
+    if not _is_finite_number(value):
+        raise APIError(f"{name} must be a number, got {_show(value)}", param=name)
     if value < low or value > high or (low_open and value == low):
         interval = f"{'(' if low_open else '['}{low:g}, {high:g}]"
-        raise APIError(f"{name} must be in {interval}, got {value!r}", param=name)
+        raise APIError(f"{name} must be in {interval}, got {_show(value)}", param=name)
     return float(value)
 
 
-def _integer(body: Mapping, name: str, default, *, low: int | None = None):
+def _integer(body: Mapping, name: str, default, *, low: int | None = None, high: int | None = None):
     value = body.get(name)
     if value is None:
         return default
     if isinstance(value, bool) or not isinstance(value, int):
-        raise APIError(f"{name} must be an integer, got {value!r}", param=name)
+        raise APIError(f"{name} must be an integer, got {_show(value)}", param=name)
     if low is not None and value < low:
-        raise APIError(f"{name} must be >= {low}, got {value}", param=name)
+        raise APIError(f"{name} must be >= {low}, got {_show(value)}", param=name)
+    if high is not None and value > high:
+        raise APIError(f"{name} must be <= {high}, got {_show(value)}", param=name)
     return value
+
+
+def _is_finite_number(value) -> bool:
+    """A real JSON number that is finite as a float (a huge integer overflows float: not finite)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
+
+
+def _show(value, limit: int = 60) -> str:
+    """repr(value) cut to ``limit`` characters (error messages echo what they refuse, not megabytes)."""
+    return _short(repr(value), limit)
+
+
+def _short(text: str, limit: int = 300) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _check_json(body) -> None:
+    """Refuse nesting deeper than MAX_JSON_DEPTH and strings (keys included) that are not valid Unicode.
+
+    A lone surrogate (JSON's "\\ud800") decodes to a Python str that cannot be encoded as UTF-8: the
+    tokenizer, and the error body echoing it, would fail later. Iterative: depth costs no recursion.
+    """
+    stack = [(body, 1, "the request body")]
+    while stack:
+        value, depth, where = stack.pop()
+        if depth > MAX_JSON_DEPTH:
+            raise APIError(f"the request body is nested too deeply (at most {MAX_JSON_DEPTH} levels)",
+                           code="invalid_json")
+        if isinstance(value, str) and not _is_unicode(value):
+            raise APIError(f"{where} holds a lone surrogate, which is not valid Unicode", code="invalid_json")
+        if isinstance(value, Mapping):
+            for key, item in value.items():
+                if not _is_unicode(key):
+                    raise APIError(f"a field name in {where} holds a lone surrogate, which is not valid "
+                                   "Unicode", code="invalid_json")
+                stack.append((item, depth + 1, _short(key, 60)))
+        elif isinstance(value, list):
+            stack.extend((item, depth + 1, where) for item in value)
+
+
+def _is_unicode(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _boolean(body: Mapping, name: str) -> bool:
@@ -328,7 +429,7 @@ def _boolean(body: Mapping, name: str) -> bool:
     if value is None:
         return False
     if not isinstance(value, bool):
-        raise APIError(f"{name} must be true or false, got {value!r}", param=name)
+        raise APIError(f"{name} must be true or false, got {_show(value)}", param=name)
     return value
 
 
