@@ -14,7 +14,8 @@ with the same message):
   use, as in PEFT's ``add_weighted_adapter`` and LoRAHub, and ``sum_k w_k B_k A_k`` is exact for
   any sign;
 - zero weights are dropped (they add nothing; the names are kept in ``dropped``), and a mixture
-  whose weights are all zero is refused: it is the base model, not a mixture.
+  whose weights are all zero is refused: it is the base model, not a mixture. (``use_mixture``
+  takes ``{}`` for a row that uses no adapter: a choice of no mixture, never a Mixture.)
 
 Weights are used as given, never renormalised (each adapter's own scaling is already in the bank).
 The bound keeps a weight far inside float32 (the op's weight dtype): 1e38 would be finite as a

@@ -262,8 +262,9 @@ def use_mixture(
 ) -> Iterator[Sequence[RoutingRecord]]:
     """Choose each row's adapters: sequence b of every forward inside uses ``mixtures[b]``.
 
-    An entry is a fixed mixture {adapter: weight}, or ``Route(top_p=..., max_loras=...)`` / None
-    to let the router route that row (with its own top_p / max_loras, or the patch's). One entry
+    An entry is a fixed mixture {adapter: weight}, ``{}`` for no adapter (that row is the base
+    model, bit for bit), or ``Route(top_p=..., max_loras=...)`` / None to let the router route that
+    row (with its own top_p / max_loras, or the patch's). One entry
     per sequence of the batch (a single one applies to every sequence). A mixture follows the rule
     of :mod:`dlp_lora.mixture` (non-empty, known names, finite weights with |w| <= 100, negative
     allowed, zeros dropped, not all zero): MixtureError (a ValueError) names the entry otherwise.
@@ -389,6 +390,9 @@ def _parse_mixtures(mixtures, names: list[str]) -> list[RowSpec]:
                 f"use_mixture: mixtures[{b}] must be a dict {{adapter_name: weight}}, a Route or None, "
                 f"got {mixture!r}"
             )
+        if not mixture:  # no adapter: the base model for this row (a row's choice, not a mixture)
+            parsed.append(((), ()))
+            continue
         try:
             parsed.append(Mixture(mixture, names).bank_ids(names))
         except MixtureError as e:

@@ -101,6 +101,20 @@ def test_mixture_matches_peft_cat(arch_case):
     torch.testing.assert_close(got, expected, atol=ATOL, rtol=0)
 
 
+def test_empty_entry_is_exactly_base(arch_case):
+    """{} (no adapter) is the base model, bit for bit, alone and next to a sequence that has adapters."""
+    arch, base, adapters = arch_case
+    ids = _ids(2, 6, seed=2)
+    base_logits = _logits(base, ids)
+    model = _patched(base, adapters)
+    with use_mixture(model, [{}, {}]):
+        assert torch.equal(_logits(model, ids), base_logits)
+    with use_mixture(model, [{}, {"plain": 1.0}]):
+        got = _logits(model, ids)
+    assert torch.equal(got[0], base_logits[0])
+    assert not torch.allclose(got[1], base_logits[1])
+
+
 def test_zero_weights_are_dropped(arch_case):
     """3. A zero weight adds nothing: {plain: 1, rslora: 0} is {plain: 1} bit for bit. A mixture of zero
     weights only is the base model, not a mixture: refused (the rule of dlp_lora/mixture.py)."""
@@ -236,7 +250,7 @@ def test_use_mixture_nesting_and_errors(arch_case):
             pytest.raises(ValueError, match="3 mixtures but the batch has 2"),
         ):
             _logits(model, ids)
-        for bad in ([{"plain": float("nan")}], [{"plain": "1"}], [{}], [], "plain", [["plain"]]):
+        for bad in ([{"plain": float("nan")}], [{"plain": "1"}], [], "plain", [["plain"]]):
             with pytest.raises(ValueError, match="use_mixture"), use_mixture(model, bad):
                 pass
     with pytest.raises(RuntimeError, match="without a router"):  # no router and no mixture
