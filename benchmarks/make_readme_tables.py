@@ -414,8 +414,8 @@ def render_real_model(path: Path) -> str:
     missing = [s for s in ("composite", "fusion", "speed", "loraflow") if s not in stages]
     parts = []
     if missing:
-        parts.append(f"**Partial run**: the stages {', '.join(missing)} have not run yet (`make real-model` "
-                     "resumes from its cache).")
+        parts.append(f"**Partial run**: not run yet: {', '.join(missing)} (`make real-model` resumes from "
+                     "its cache).")
     adapters = stages.get("adapters", {})
     budget = ", ".join(f"{t} {a['steps']} steps / {a['seconds']:.0f} s" for t, a in adapters.items())
     parts.append(f"**SmolLM2-135M-Instruct** (`make real-model`): {len(adapters)} "
@@ -602,7 +602,7 @@ def render_headline(results_dir: Path) -> str | None:
         rows += _real_model_headline(real)
         sources.append(f"`{_rel(real_path)}` ({_machine(real)}"
                        + ("" if real.get("complete") else ", a partial run") + ")")
-    serve_path = next(iter(sorted(results_dir.glob("serve_*.json"))), None)
+    serve_path = next(iter(sorted(results_dir.glob("serve_cpu*.json"))), None)
     if serve_path is not None:
         served = json.loads(serve_path.read_text())
         for goal in served["goals"]:
@@ -680,7 +680,7 @@ SECTIONS: dict[str, tuple[str, Callable[[Path], str]]] = {
     "breakdown": ("decode_breakdown_*.json", render_breakdown),
     "loraflow": ("loraflow_e2e_*.json", render_loraflow),
     "demo": ("demo*.json", render_demo),
-    "serve": ("serve_*.json", render_serve),
+    "serve": ("serve_cpu*.json", render_serve),  # serve_hostile_*.json is the load test's, not this table's
     "real_model": ("real_model_*.json", render_real_model),
 }
 
