@@ -126,7 +126,8 @@ def ensure_peft_adapters(base: nn.Module, shape: ModelShape, count: int, *, rank
     config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(TARGET_MODULES), lora_dropout=0.0)
     peft_model = get_peft_model(shared_copy(base), config)
     lora_params = [(name, p) for name, p in peft_model.named_parameters() if "lora_" in name]
-    for i in tqdm(missing, desc="writing PEFT adapters", leave=False):
+    # disable=None: a bar on a terminal, nothing in a log file (one carriage-return update per adapter)
+    for i in tqdm(missing, desc="writing PEFT adapters", leave=False, disable=None):
         generator = torch.Generator().manual_seed(seed * 100_003 + i)
         with torch.no_grad():
             for name, p in lora_params:
