@@ -5,8 +5,9 @@ beside it, so the same rules serve a ``generate()`` call (dlp_lora.routing_state
 row) and the serving scheduler (dlp_lora.serving.engine, requests joining and leaving a batch).
 
 - ``prompt_spans``: where a prompt's spans start, and how much of the prompt routes each one.
-- ``is_sentence_boundary``: the one rule deciding whether a token starts a new sentence span.
-- ``MixtureRouter``: the router in bank space, many token lists per call.
+- ``is_sentence_boundary``: whether a token starts a new sentence span (dlp_lora.sentences' rule).
+- ``MixtureRouter``: the router in bank space, many token lists per call; it reads their content
+  only (a chat template's scaffolding and special tokens dropped, dlp_lora.sentences).
 - ``RequestRouting``: one request over its whole life: its prompt spans, then a re-route each time
   a sentence ends while it generates; every decision is kept as a ``Span``.
 
@@ -20,7 +21,9 @@ from dataclasses import dataclass
 
 import torch
 
+from .options import REROUTE_MODES
 from .router.top_p import check_max_loras, check_top_p
+from .sentences import SentenceRule
 
 __all__ = [
     "REROUTE_MODES",
@@ -31,40 +34,25 @@ __all__ = [
     "Span",
     "is_sentence_boundary",
     "prompt_spans",
-    "sentence_end_ids",
 ]
-
-REROUTE_MODES = ("prompt", "sentence")
-SENTENCE_END_CHARS = (".", "!", "?", "\u3002", "\uff01", "\uff1f")
 
 # A mixture in bank space: (adapter ids, weights), equal lengths; () = base model.
 Mixture = tuple[tuple[int, ...], tuple[float, ...]]
+BASE: Mixture = ((), ())
 
 
-def sentence_end_ids(tokenizer) -> frozenset[int]:
-    """Ids of the tokens that end a sentence: their text ends in . ! ? (or their CJK forms) or holds
-    a newline. Special tokens never do."""
-    vocab_size = len(tokenizer)
-    texts = tokenizer.batch_decode([[i] for i in range(vocab_size)])
-    special = set(getattr(tokenizer, "all_special_ids", []) or [])
-    return frozenset(
-        i
-        for i, text in enumerate(texts)
-        if i not in special and ("\n" in text or text.rstrip().endswith(SENTENCE_END_CHARS))
-    )
-
-
-def is_sentence_boundary(tokens: Sequence[int], i: int, ender_ids: frozenset[int]) -> bool:
+def is_sentence_boundary(tokens: Sequence[int], i: int, sentences: SentenceRule | None) -> bool:
     """Whether a new sentence span starts at token i of ``tokens`` (reads tokens up to i only).
 
-    Token i starts a span when it ends a sentence and token i-1 did not: the first of a run of
-    enders ("...", "!?", "\\n\\n") starts the span, the rest stay in it. The span starts at the
-    ender because its forward computes the logits of the next sentence's first token.
+    The rule is dlp_lora.sentences': a sentence ended between tokens i-1 and i, decided once token i
+    has arrived; the terminator stays in the span it ends. No rule (no tokenizer): never.
     """
-    return i > 0 and tokens[i] in ender_ids and tokens[i - 1] not in ender_ids
+    return sentences is not None and sentences.starts_sentence(tokens, i)
 
 
-def prompt_spans(tokens: Sequence[int], reroute: str, ender_ids: frozenset[int]) -> list[tuple[int, int]]:
+def prompt_spans(
+    tokens: Sequence[int], reroute: str, sentences: SentenceRule | None
+) -> list[tuple[int, int]]:
     """[(start, route_end)] of a prompt: each span's first token, and the prefix length routing it.
 
     ``prompt``: one span routed on the whole prompt. ``sentence``: a span at each sentence boundary,
@@ -73,7 +61,7 @@ def prompt_spans(tokens: Sequence[int], reroute: str, ender_ids: frozenset[int])
     """
     starts = [0]
     if reroute == "sentence":
-        starts += [i for i in range(1, len(tokens)) if is_sentence_boundary(tokens, i, ender_ids)]
+        starts += [i for i in range(1, len(tokens)) if is_sentence_boundary(tokens, i, sentences)]
     ends = starts[1:] + [len(tokens)]
     return list(zip(starts, ends, strict=True))
 
@@ -102,21 +90,27 @@ class MixtureRouter:
     names: the bank's adapter names (mixture ids index them); router: an object with
     ``label_names`` and ``route(input_ids, attention_mask, *, top_p, max_loras) -> (ids [B,K] int32,
     weights [B,K])``; top_p / max_loras: the defaults a Route leaves open. One router call per
-    distinct (top_p, max_loras) among the lists.
+    distinct (top_p, max_loras) among the lists. sentences: the tokenizer's SentenceRule; the
+    router then reads each list's content only, and a list with no content gets the base model.
     """
 
-    def __init__(self, names: Sequence[str], router, top_p: float, max_loras: int | None):
-        self.router, self.top_p, self.max_loras = router, top_p, max_loras
+    def __init__(self, names: Sequence[str], router, top_p: float, max_loras: int | None,
+                 sentences: SentenceRule | None = None):
+        self.router, self.top_p, self.max_loras, self.sentences = router, top_p, max_loras, sentences
         to_bank = [list(names).index(label) for label in router.label_names]
         self._label_to_bank = None if to_bank == list(range(len(to_bank))) else to_bank
 
     def route(self, token_lists: Sequence[Sequence[int]], routes: Sequence[Route]) -> list[Mixture]:
+        if self.sentences is not None:
+            token_lists = [self.sentences.content(tokens) for tokens in token_lists]
+        mixtures: list[Mixture] = [BASE] * len(token_lists)
         groups: dict[tuple, list[int]] = {}
         for i, route in enumerate(routes):
+            if not token_lists[i]:
+                continue
             top_p = self.top_p if route.top_p is None else route.top_p
             max_loras = self.max_loras if route.max_loras is None else route.max_loras
             groups.setdefault((top_p, max_loras), []).append(i)
-        mixtures: list[Mixture | None] = [None] * len(token_lists)
         for (top_p, max_loras), members in groups.items():
             routed = self._route_group([token_lists[i] for i in members], top_p, max_loras)
             for i, mixture in zip(members, routed, strict=True):
@@ -164,8 +158,8 @@ class RequestRouting:
     ``spans`` holds every decision; ``current`` the mixture of the open span.
     """
 
-    def __init__(self, spec: Mixture | Route, *, reroute: str, ender_ids: frozenset[int]):
-        self.spec, self.reroute, self.ender_ids = spec, reroute, ender_ids
+    def __init__(self, spec: Mixture | Route, *, reroute: str, sentences: SentenceRule | None):
+        self.spec, self.reroute, self.sentences = spec, reroute, sentences
         self.routed = isinstance(spec, Route)
         self.history: list[int] = []
         self.spans: list[Span] = []
@@ -183,7 +177,7 @@ class RequestRouting:
             self.spans.append(Span(0, self.spec, "mixture"))
             return []
         reason = "sentence" if self.reroute == "sentence" else "prompt"
-        spans = prompt_spans(self.history, self.reroute, self.ender_ids)
+        spans = prompt_spans(self.history, self.reroute, self.sentences)
         self._pending = [(start, reason) for start, _ in spans]
         return [(self.history[:end], self.spec) for _, end in spans]
 
@@ -192,7 +186,7 @@ class RequestRouting:
         self.history.append(token)
         i = len(self.history) - 1
         if not (self.routed and self.reroute == "sentence"
-                and is_sentence_boundary(self.history, i, self.ender_ids)):
+                and is_sentence_boundary(self.history, i, self.sentences)):
             return []
         self._pending = [(i, "sentence")]
         return [(list(self.history), self.spec)]

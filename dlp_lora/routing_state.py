@@ -13,13 +13,17 @@ no sequence's result, and the router only sees real tokens (attention_mask == 1)
 
 When the router runs (paper style, on the history):
 - prefill (no cache yet): ``prompt`` routes each sequence on its whole prompt. ``sentence``
-  splits the prompt into spans; a span starts at a token that ends a sentence (its row computes
-  the logits of the next sentence's first token) and is routed on the prompt up to the span's
-  end, so the last span, which generation continues, is routed on the whole prompt.
+  splits the prompt into spans; a span starts at the first token of a sentence and is routed on
+  the prompt up to the span's end, so the last span, which generation continues, is routed on the
+  whole prompt.
 - decode (cache present): ``prompt`` keeps each sequence's mixture (no host sync per step).
-  ``sentence``: when a token that ends a sentence arrives (and the token before it did not),
-  the sequence is routed again on its history up to that token, and its mixture changes from
-  that row on.
+  ``sentence``: when the first token of a new sentence arrives, the sequence is routed again on
+  its history up to that token, and its mixture changes from that row on.
+Where a sentence ends is dlp_lora/sentences.py's rule (a terminator followed by whitespace or the
+end of the text, decided when the next token arrives; abbreviations, numbers and URLs excepted):
+the terminator stays in the span it ends. The router reads the conversation's content only: a
+chat template's scaffolding (role markers, an injected system prompt) and special tokens are
+dropped from its input; a history of scaffolding alone gets the base model.
 The rules themselves (prompt spans, sentence boundaries, the router in bank space) are per request
 and live in dlp_lora.routing_policy; building the op's tensors of a step is dlp_lora.step_mapping;
 reading masks and caches is dlp_lora.model_inputs. This module applies them to the rows of one
@@ -63,13 +67,13 @@ from .routing_policy import (
     Route,
     is_sentence_boundary,
     prompt_spans,
-    sentence_end_ids,
 )
-from .step_mapping import StepRouting, mixture_tensors
+from .sentences import SentenceRule
+from .step_mapping import StepRouting, adapter_mask, mixture_tensors
 
 __all__ = [
     "REROUTE_MODES", "Route", "RoutingRecord", "RoutingState", "SequenceRouting", "past_length",
-    "sentence_end_ids", "token_mask",
+    "token_mask",
 ]
 
 
@@ -100,13 +104,17 @@ class RoutingState:
     for the num_tokens = B*L rows of this forward. last_*: the same for a module that sees one
     row per sequence (e.g. lm_head with logits_to_keep=1): each sequence's current mixture.
     active is False when no row has an adapter: patched modules then skip the op entirely,
-    so an empty mixture is exactly the base model. fast is True when the raw kernel may update
-    a module's output in place: no autograd, no autocast (a forward traced by torch.compile takes
-    the registered op instead, see dlp_lora.patch; this hook itself always runs eager).
+    so an empty mixture is exactly the base model. adapters: bit i set when some row of this
+    forward uses adapter i; a module that none of those adapters targets skips the op (its delta
+    would be exactly zero), so a q,v-only mixture costs nothing on the other projections.
+    fast is True when the raw kernel may update a module's output in place: no autograd, no
+    autocast (a forward traced by torch.compile takes the registered op instead, see dlp_lora.patch;
+    this hook itself always runs eager).
     """
 
     __slots__ = (
         "active",
+        "adapters",
         "fast",
         "num_tokens",
         "num_sequences",
@@ -121,6 +129,7 @@ class RoutingState:
 
     def __init__(self, backend: str):
         self.active = self.fast = False
+        self.adapters = 0
         self.num_tokens = self.num_sequences = -1
         self.seg_indptr = self.lora_ids = self.lora_weights = None
         self.last_seg_indptr = self.last_lora_ids = self.last_lora_weights = None
@@ -147,7 +156,7 @@ class _CallState(threading.local):
     current: list[Mixture] | None = None  # the mixture of each sequence's open span
     histories: list[list[int] | None] | None = None  # sentence mode: each routed row's real tokens
     routes: list[RowSpec] | None = None  # each row's spec at the latest prefill
-    seq_tensors = None  # (ids, weights, active) for ``current``, built when it changes
+    seq_tensors = None  # (ids, weights, adapter mask) for ``current``, built when it changes
     scheduled: StepRouting | None = None  # set by a scheduler that routes its requests itself
 
     def __init__(self):
@@ -182,7 +191,8 @@ class SequenceRouting:
 
     names: the bank's adapter names (bank ids index them); router: an object with ``label_names``
     and ``route(input_ids, attention_mask, *, top_p, max_loras) -> (ids [B,K] int32, weights [B,K])``
-    or None (then only use_mixture applies adapters). ender_ids: tokens that end a sentence.
+    or None (then only use_mixture applies adapters). sentences: the tokenizer's SentenceRule
+    (dlp_lora.sentences: sentence ends and chat scaffolding), or None without a tokenizer.
     backend: the op backend asked for at patch time (None = automatic), resolved per device and dtype.
 
     The configuration is shared by every caller; everything a forward or a generation changes lives
@@ -198,7 +208,7 @@ class SequenceRouting:
         top_p: float,
         max_loras: int | None,
         reroute: str,
-        ender_ids: frozenset[int],
+        sentences: SentenceRule | None,
         backend: str | None,
         probe_module: torch.nn.Module,
         forward_signature: inspect.Signature,
@@ -206,14 +216,14 @@ class SequenceRouting:
         self.names = list(names)
         self.router = router
         self.top_p, self.max_loras, self.reroute = top_p, max_loras, reroute
-        self.ender_ids = ender_ids
+        self.sentences = sentences
         self.backend = backend
         # One patched module, whose lora_a says where and in what dtype the bank is now. Modules and
         # bound methods (not closures) so that copy.deepcopy(model) copies a consistent patch.
         self._probe_module = probe_module
         self._signature = forward_signature
         self.mixture_router = (
-            None if router is None else MixtureRouter(self.names, router, top_p, max_loras)
+            None if router is None else MixtureRouter(self.names, router, top_p, max_loras, sentences)
         )
         self._init_runtime()
 
@@ -306,6 +316,7 @@ class SequenceRouting:
         state.last_seg_indptr, state.last_lora_ids = step.last_seg_indptr, step.last_lora_ids
         state.last_lora_weights = step.last_lora_weights
         state.num_tokens, state.num_sequences, state.active = step.num_tokens, step.num_sequences, step.active
+        state.adapters = step.adapters
 
     def _rows(self, rows: list[RowSpec] | None, B: int) -> list[RowSpec]:
         """Each row's spec for a batch of B: use_mixture's rows (one broadcast to all), else routed."""
@@ -335,7 +346,7 @@ class SequenceRouting:
             cols = [j for j in range(L) if mask_host is None or mask_host[b][j]]
             tokens = [ids_host[b][j] for j in cols]
             histories[b] = tokens
-            for k, (start, end) in enumerate(prompt_spans(tokens, self.reroute, self.ender_ids)):
+            for k, (start, end) in enumerate(prompt_spans(tokens, self.reroute, self.sentences)):
                 spans.append((b, 0 if k == 0 else cols[start], start, end))  # pads join the first span
         mixtures = self._route(
             [histories[b][:end] for b, _, _, end in spans], [rows[b] for b, _, _, _ in spans]
@@ -371,7 +382,7 @@ class SequenceRouting:
             self._set_current(call, [
                 call.current[b] if isinstance(row, Route) else row for b, row in enumerate(rows)
             ])
-        if call.histories is None or not self.ender_ids or not any(h is not None for h in call.histories):
+        if call.histories is None or self.sentences is None or not any(h is not None for h in call.histories):
             self._use_sequence_segments(call, B, L, device)
             return
         self._check_routable(input_ids)
@@ -422,7 +433,7 @@ class SequenceRouting:
             )
 
     def _is_boundary(self, tokens: list[int], i: int) -> bool:
-        return is_sentence_boundary(tokens, i, self.ender_ids)
+        return is_sentence_boundary(tokens, i, self.sentences)
 
     def _route(self, token_lists: list[list[int]], routes: list[Route]) -> list[Mixture]:
         """Route each token list with its row's Route; one router call per distinct (top_p, max_loras)."""
@@ -439,17 +450,18 @@ class SequenceRouting:
         """One segment per sequence with its current mixture: the decode fast path (cached tensors)."""
         if call.seq_tensors is None:
             ids, weights = mixture_tensors(call.current, device)
-            call.seq_tensors = (ids, weights, bool((ids >= 0).any()))
+            call.seq_tensors = (ids, weights, adapter_mask(call.current))
             check_routing_values(
                 self._seg_indptr(call, B, 1, device), ids, num_tokens=B, num_loras=len(self.names)
             )
-        ids, weights, active = call.seq_tensors
+        ids, weights, adapters = call.seq_tensors
         state = call.state
         state.seg_indptr = self._seg_indptr(call, B, L, device)
         state.lora_ids, state.lora_weights = ids, weights
         state.last_seg_indptr = self._seg_indptr(call, B, 1, device)
         state.last_lora_ids, state.last_lora_weights = ids, weights
-        state.num_tokens, state.num_sequences, state.active = B * L, B, active
+        state.num_tokens, state.num_sequences = B * L, B
+        state.adapters, state.active = adapters, adapters != 0
 
     def _use_segments(self, call: _CallState, segments: list[tuple[int, Mixture]], B: int, L: int,
                       device) -> None:
@@ -461,7 +473,8 @@ class SequenceRouting:
         state = call.state
         state.seg_indptr = seg_indptr.to(device)
         state.lora_ids, state.lora_weights = ids, weights
-        state.active = bool((ids >= 0).any())
+        state.adapters = adapter_mask([mixture for _, mixture in segments])
+        state.active = state.adapters != 0
 
     def _seg_indptr(self, call: _CallState, B: int, L: int, device) -> torch.Tensor:
         key = (B, L)

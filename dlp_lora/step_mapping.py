@@ -20,7 +20,7 @@ import torch
 from .ops import check_routing_values
 from .routing_policy import Mixture
 
-__all__ = ["StepMapping", "StepRouting", "mixture_tensors"]
+__all__ = ["StepMapping", "StepRouting", "adapter_mask", "mixture_tensors"]
 
 
 @dataclass
@@ -36,6 +36,7 @@ class StepRouting:
     last_lora_ids: torch.Tensor
     last_lora_weights: torch.Tensor
     active: bool  # some row has an adapter (else the patched modules skip the op)
+    adapters: int  # bit i set when some row uses adapter i (a module none of them targets skips the op)
 
 
 class StepMapping:
@@ -75,9 +76,19 @@ class StepMapping:
             last_lora_ids=last_ids.to(to),
             last_lora_weights=last_weights.to(to),
             active=bool((ids >= 0).any()),
+            adapters=adapter_mask(mixtures),
         )
         self._key, self._last = key, routing
         return routing
+
+
+def adapter_mask(mixtures: Sequence[Mixture]) -> int:
+    """Bit i set when adapter i is in any of the mixtures (RoutingState.adapters)."""
+    mask = 0
+    for ids, _ in mixtures:
+        for i in ids:
+            mask |= 1 << i
+    return mask
 
 
 def mixture_tensors(mixtures: Sequence[Mixture], device=None) -> tuple[torch.Tensor, torch.Tensor]:

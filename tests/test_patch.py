@@ -101,8 +101,8 @@ def test_mixture_matches_peft_cat(arch_case):
     torch.testing.assert_close(got, expected, atol=ATOL, rtol=0)
 
 
-def test_empty_mixture_is_exactly_base(arch_case):
-    """3. {} is the base model, bit for bit, alone and next to a sequence that has adapters."""
+def test_empty_entry_is_exactly_base(arch_case):
+    """{} (no adapter) is the base model, bit for bit, alone and next to a sequence that has adapters."""
     arch, base, adapters = arch_case
     ids = _ids(2, 6, seed=2)
     base_logits = _logits(base, ids)
@@ -113,6 +113,23 @@ def test_empty_mixture_is_exactly_base(arch_case):
         got = _logits(model, ids)
     assert torch.equal(got[0], base_logits[0])
     assert not torch.allclose(got[1], base_logits[1])
+
+
+def test_zero_weights_are_dropped(arch_case):
+    """3. A zero weight adds nothing: {plain: 1, rslora: 0} is {plain: 1} bit for bit. A mixture of zero
+    weights only is the base model, not a mixture: refused (the rule of dlp_lora/mixture.py)."""
+    arch, base, adapters = arch_case
+    ids = _ids(2, 6, seed=2)
+    model = _patched(base, adapters)
+    with use_mixture(model, {"plain": 1.0}):
+        expected = _logits(model, ids)
+    with use_mixture(model, {"plain": 1.0, "rslora": 0}) as log:
+        got = _logits(model, ids)
+        assert {r.adapters for r in log} == {("plain",)}
+    assert torch.equal(got, expected)
+    with pytest.raises(ValueError, match=r"mixtures\[0\] has only zero weights"):
+        with use_mixture(model, [{"plain": 0.0, "rslora": 0}, {"plain": 1.0}]):
+            pass
 
 
 def test_unpatch_is_bit_identical(arch_case):
@@ -238,7 +255,7 @@ def test_use_mixture_nesting_and_errors(arch_case):
                 pass
     with pytest.raises(RuntimeError, match="without a router"):  # no router and no mixture
         _logits(model, ids)
-    with pytest.raises(PatchError, match="not patched"), use_mixture(base, {}):
+    with pytest.raises(PatchError, match="not patched"), use_mixture(base, {"plain": 1.0}):
         pass
 
 
@@ -307,7 +324,7 @@ def test_bad_patch_inputs_leave_model_unchanged(llama_case):
         model,
         lambda: patch_model(model, bank, _LabelsOnly(["a", "c"])),
         PatchError,
-        r"label names \['a', 'c'\] differ from the bank's adapter names \['a', 'b'\]",
+        r"router does not fit the bank: its labels \['a', 'c'\] do not match the adapters \['a', 'b'\]",
     )
     for top_p in (0, 0.0, -0.1, 1.5, float("nan"), "0.5", True):
         _refused(model, lambda top_p=top_p: patch_model(model, bank, top_p=top_p), ValueError, "top_p")
@@ -357,7 +374,7 @@ def test_deepcopy_of_a_patched_model(llama_case):
         expected = _logits(model, ids)
     with use_mixture(twin, [{"a": 1.0}, {"b": 1.0}]):
         assert torch.equal(_logits(twin, ids), expected)
-        with use_mixture(model, {}):  # the original's routing does not leak into the copy
+        with use_mixture(model, {"b": -1.0}):  # the original's routing does not leak into the copy
             assert torch.equal(_logits(twin, ids), expected)
     unpatch_model(twin)
     assert torch.equal(_logits(twin, ids), _logits(base, ids))
@@ -381,3 +398,46 @@ def test_every_cpu_backend_gives_the_same_model(llama_case, backend):
         with use_mixture(model, mixtures):
             results[name] = _logits(model, ids, mask)
     torch.testing.assert_close(results[backend], results["reference"], atol=ATOL, rtol=0)
+
+
+def test_modules_no_adapter_of_the_step_targets_skip_the_op(llama_case, tmp_path, monkeypatch):
+    """A q,v-only mixture calls the op on q_proj and v_proj only, and still equals PEFT; a mixture with a
+    7-projection adapter calls it everywhere. Tolerances relative to the logits' scale in float32, and
+    against PEFT in float64 (where rounding cannot hide a missing delta)."""
+    import dlp_lora.patch as patch_module
+
+    base, adapters = llama_case[0], dict(llama_case[1])
+    adapters["qv"] = make_adapter(base, tmp_path / "qv", seed=21, r=8, lora_alpha=16,
+                                  target_modules=["q_proj", "v_proj"])
+    called: list[int] = []
+    real_op = patch_module.ops.multi_lora
+    monkeypatch.setattr(patch_module.ops, "multi_lora",
+                        lambda y, *args, **kw: called.append(y.shape[-1]) or real_op(y, *args, **kw))
+    model = _patched(base, adapters)
+    names = {m: n for n, m in model.named_modules()}
+    calls_per_forward, modules = {}, []
+    for mixture in ({"qv": 1.0}, {"qv": 0.5, "a": 0.5}):
+        called.clear()
+        modules.clear()
+        hooks = [m.register_forward_hook(lambda mod, i, o: modules.append(names[mod]))
+                 for m in model.modules() if hasattr(m, "dlp_lora_adapters")]
+        with use_mixture(model, mixture):
+            _logits(model, _ids(1, 5, seed=3))
+        for h in hooks:
+            h.remove()
+        calls_per_forward[tuple(mixture)] = len(called)
+        assert len(modules) == 14  # every patched module ran (2 layers x 7 projections)
+    assert calls_per_forward[("qv",)] == 4  # q_proj and v_proj of 2 layers
+    assert calls_per_forward[("qv", "a")] == 14
+
+    ids = _ids(2, 9, seed=4)
+    for dtype, rel in ((torch.float32, 2e-6), (torch.float64, 1e-12)):
+        oracle = peft_oracle(base, {"qv": adapters["qv"]}).to(dtype)
+        expected = _logits(oracle, ids)
+        patched = patch_model(copy.deepcopy(base).to(dtype), LoRABank.from_peft({"qv": adapters["qv"]}),
+                              backend="reference" if dtype == torch.float64 else BACKEND)
+        with use_mixture(patched, {"qv": 1.0}):
+            got = _logits(patched, ids)
+        scale = expected.abs().max().item()
+        assert (expected - _logits(copy.deepcopy(base).to(dtype), ids)).abs().max() > 1e-2 * scale
+        torch.testing.assert_close(got, expected, atol=rel * scale, rtol=0)

@@ -17,7 +17,19 @@ from dlp_lora.routing_policy import (
 )
 from dlp_lora.step_mapping import StepMapping
 
-END = frozenset({9})  # token 9 ends a sentence
+
+class TerminatorRule:
+    """A SentenceRule stand-in: token 9 is a terminator; a sentence ends after a run of 9s when the
+    next token is not a 9 (decided when it arrives). Token 7 is chat scaffolding (not content)."""
+
+    def starts_sentence(self, tokens, j):
+        return j > 0 and tokens[j - 1] == 9 and tokens[j] != 9
+
+    def content(self, tokens):
+        return [t for t in tokens if t != 7]
+
+
+RULE = TerminatorRule()
 
 
 class CountingRouter:
@@ -34,43 +46,53 @@ class CountingRouter:
         return (lengths % 3).to(torch.int32)[:, None], torch.ones(len(lengths), 1)
 
 
-def test_sentence_boundary_is_the_first_of_a_run_of_enders():
+def test_sentence_boundary_is_the_token_after_a_run_of_terminators():
     tokens = [1, 9, 9, 2, 9]
-    assert [is_sentence_boundary(tokens, i, END) for i in range(5)] == [False, True, False, False, True]
-    assert prompt_spans(tokens, "sentence", END) == [(0, 1), (1, 4), (4, 5)]
-    assert prompt_spans(tokens, "prompt", END) == [(0, 5)]
+    assert [is_sentence_boundary(tokens, i, RULE) for i in range(5)] == [False, False, False, True, False]
+    assert [is_sentence_boundary(tokens, i, None) for i in range(5)] == [False] * 5  # no tokenizer
+    assert prompt_spans(tokens, "sentence", RULE) == [(0, 3), (3, 5)]
+    assert prompt_spans(tokens, "prompt", RULE) == [(0, 5)]
 
 
-def test_request_routing_prompt_spans_then_reroute_at_sentence_end():
+def test_request_routing_prompt_spans_then_reroute_at_sentence_start():
     router = CountingRouter()
-    mixer = MixtureRouter(["a", "b", "c"], router, top_p=0.6, max_loras=None)
-    request = RequestRouting(Route(top_p=0.9), reroute="sentence", ender_ids=END)
+    mixer = MixtureRouter(["a", "b", "c"], router, top_p=0.6, max_loras=None, sentences=RULE)
+    request = RequestRouting(Route(top_p=0.9), reroute="sentence", sentences=RULE)
     queries = request.start([1, 2, 9, 3])
-    assert [tokens for tokens, _ in queries] == [[1, 2], [1, 2, 9, 3]]
+    assert [tokens for tokens, _ in queries] == [[1, 2, 9], [1, 2, 9, 3]]  # the terminator ends span 0
     request.resolve(mixer.route(*zip(*queries, strict=True)))
     assert router.calls == [(2, 0.9, None)]  # both spans in one router call, with the request's own top_p
-    assert request.spans == [Span(0, ((2,), (1.0,)), "sentence"), Span(2, ((1,), (1.0,)), "sentence")]
+    assert request.spans == [Span(0, ((0,), (1.0,)), "sentence"), Span(3, ((1,), (1.0,)), "sentence")]
     assert request.push(4) == []  # no sentence end: keeps its mixture
-    (tokens, route), = request.push(9)
-    assert tokens == [1, 2, 9, 3, 4, 9] and route == Route(top_p=0.9)
+    assert request.push(9) == []  # a terminator: the sentence ends only if the next token says so
+    (tokens, route), = request.push(5)
+    assert tokens == [1, 2, 9, 3, 4, 9, 5] and route == Route(top_p=0.9)
     request.resolve(mixer.route([tokens], [route]))
-    assert request.spans[-1] == Span(5, ((0,), (1.0,)), "sentence")
+    assert request.spans[-1] == Span(6, ((1,), (1.0,)), "sentence")
     # the op's segments of forwards feeding history tokens [first, first + count)
-    assert request.segments(0, 4) == [(0, ((2,), (1.0,))), (2, ((1,), (1.0,)))]
+    assert request.segments(0, 4) == [(0, ((0,), (1.0,))), (3, ((1,), (1.0,)))]
     assert request.segments(3, 2) == [(0, ((1,), (1.0,)))]
-    assert request.segments(5, 1) == [(0, ((0,), (1.0,)))]
+    assert request.segments(6, 1) == [(0, ((1,), (1.0,)))]
+
+
+def test_router_reads_content_only():
+    router = CountingRouter()
+    mixer = MixtureRouter(["a", "b", "c"], router, top_p=0.6, max_loras=None, sentences=RULE)
+    # scaffolding (7) is dropped: [7, 7, 1, 2] routes as [1, 2]; scaffolding alone is the base model
+    assert mixer.route([[7, 7, 1, 2], [7, 7]], [Route(), Route()]) == [((2,), (1.0,)), ((), ())]
+    assert router.calls == [(1, 0.6, None)]
 
 
 def test_fixed_mixture_and_prompt_mode_never_reroute():
-    fixed = RequestRouting(((1,), (0.5,)), reroute="sentence", ender_ids=END)
-    assert fixed.start([1, 9, 2]) == [] and fixed.push(9) == []
+    fixed = RequestRouting(((1,), (0.5,)), reroute="sentence", sentences=RULE)
+    assert fixed.start([1, 9, 2]) == [] and fixed.push(9) == [] and fixed.push(3) == []
     assert fixed.spans == [Span(0, ((1,), (0.5,)), "mixture")]
-    prompt = RequestRouting(Route(), reroute="prompt", ender_ids=END)
+    prompt = RequestRouting(Route(), reroute="prompt", sentences=RULE)
     assert len(prompt.start([1, 9, 2])) == 1
     prompt.resolve([((0,), (1.0,))])
-    assert prompt.push(9) == [] and prompt.spans[0].reason == "prompt"
+    assert prompt.push(9) == [] and prompt.push(3) == [] and prompt.spans[0].reason == "prompt"
     with pytest.raises(ValueError, match="empty prompt"):
-        RequestRouting(Route(), reroute="prompt", ender_ids=END).start([])
+        RequestRouting(Route(), reroute="prompt", sentences=RULE).start([])
 
 
 def test_label_order_maps_to_bank_ids():

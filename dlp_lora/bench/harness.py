@@ -308,7 +308,7 @@ def run(args: argparse.Namespace) -> dict:
         result["e2e"] = rows
         finish(complete=False)
 
-    with tqdm(total=total, unit="gen") as progress:
+    with tqdm(total=total, unit="gen", disable=None) as progress:  # no bar in a log file
         result["e2e"] = run_e2e(base, banks, adapter_dirs, settings, progress, on_batch_done=batch_done)
         if settings.scaling:
             result["scaling"] = run_scaling(base, banks, settings, progress)
@@ -328,7 +328,8 @@ def run_breakdown_file(args, settings: BenchSettings, result: dict, base, banks,
     from .breakdown import run_breakdown
 
     result["benchmark"] = "decode-step breakdown at batch 1"
-    with tqdm(unit="gen") as progress:  # run_breakdown sets the total once it knows the variants
+    # run_breakdown sets the total once it knows the variants
+    with tqdm(unit="gen", disable=None) as progress:
         result["breakdown"] = run_breakdown(base, banks, adapter_dirs, settings, progress)
     save_result(result, args.out, load_start)
     for row in result["breakdown"]:

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..options import DEFAULT_TOP_P
 from .baselines import FORMS as _FORM_FUNCTIONS
 
 FORMS = tuple(_FORM_FUNCTIONS)  # the MeteoRA-style execution forms
@@ -60,7 +61,7 @@ class BenchSettings:
     warmup_tokens: int = 4
     rank: int = 8
     lora_alpha: int = 16
-    top_p: float = 0.6
+    top_p: float = DEFAULT_TOP_P
     max_loras: int = 3
     reroute: str = "prompt"
     scaling: bool = False
@@ -125,7 +126,8 @@ def ensure_peft_adapters(base: nn.Module, shape: ModelShape, count: int, *, rank
     config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(TARGET_MODULES), lora_dropout=0.0)
     peft_model = get_peft_model(shared_copy(base), config)
     lora_params = [(name, p) for name, p in peft_model.named_parameters() if "lora_" in name]
-    for i in tqdm(missing, desc="writing PEFT adapters", leave=False):
+    # disable=None: a bar on a terminal, nothing in a log file (one carriage-return update per adapter)
+    for i in tqdm(missing, desc="writing PEFT adapters", leave=False, disable=None):
         generator = torch.Generator().manual_seed(seed * 100_003 + i)
         with torch.no_grad():
             for name, p in lora_params:

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..bench.timing import StepClock
+from ..options import DEFAULT_TOP_P
 
 METHODS = ("base", "oracle", "dlp")
 LORAFLOW = "loraflow"  # a fourth method, where evaluate_composite is given a LoRA-Flow model
@@ -74,7 +75,7 @@ def exact_match(answers: list[str], targets: list[str]) -> list[bool]:
 
 
 @torch.no_grad()
-def _generate(model, tokenizer, prompts: list[str], max_new_tokens: int) -> tuple[list[str], float, int]:
+def greedy_answers(model, tokenizer, prompts: list[str], max_new_tokens: int) -> tuple[list[str], float, int]:
     """Greedy continuations (cut at EOS) and the decode (seconds, steps) of this call."""
     enc = tokenizer(prompts, return_tensors="pt", padding=True)
     clock = StepClock(enc["input_ids"].device)
@@ -91,7 +92,7 @@ def shuffled_composite(rows: list[tuple[str, str, str]], seed: int) -> list[tupl
 
 
 def evaluate_composite(model, tokenizer, bank, router, rows: list[tuple[str, str, str]], *,
-                       top_p: float = 0.6, batch_size: int = 32, progress: bool = True,
+                       top_p: float = DEFAULT_TOP_P, batch_size: int = 32, progress: bool = True,
                        loraflow=None) -> CompositeResult:
     """Run base, oracle and DLP-LoRA (and LoRA-Flow) over `rows` = shuffled (task, prompt, answer); see
     the module doc.
@@ -115,15 +116,15 @@ def evaluate_composite(model, tokenizer, bank, router, rows: list[tuple[str, str
 
     # one untimed warm-up of every path (first-call allocations, lazy imports)
     warm = [p for _, p, _ in rows[:2]]
-    _generate(model, tokenizer, warm, 2)
+    greedy_answers(model, tokenizer, warm, 2)
     with _patched(model, bank, router, top_p):
-        _generate(model, tokenizer, warm, 2)
+        greedy_answers(model, tokenizer, warm, 2)
     if loraflow is not None:
-        _generate(loraflow, tokenizer, warm, 2)
+        greedy_answers(loraflow, tokenizer, warm, 2)
 
     def run(method: str, prompts: list[str], routing=None, on=model) -> None:
         with routing or contextlib.nullcontext():
-            answers[method], s, n = _generate(on, tokenizer, prompts, max_new)
+            answers[method], s, n = greedy_answers(on, tokenizer, prompts, max_new)
         seconds[method] += s
         steps[method] += n
 

@@ -249,7 +249,7 @@ class ContinuousScheduler:
                 if isinstance(spec, Route) and self.routing.mixture_router is None:
                     raise ValueError("this model has no router: the request must give a mixture")
                 request.routing = RequestRouting(spec, reroute=self.routing.reroute,
-                                                 ender_ids=self.routing.ender_ids)
+                                                 sentences=self.routing.sentences)
                 queries += [(request, *query) for query in request.routing.start(row.prompt_ids)]
             except Exception as error:  # noqa: BLE001 - this row fails, the others go on
                 request.fail(error)
