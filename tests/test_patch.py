@@ -381,3 +381,46 @@ def test_every_cpu_backend_gives_the_same_model(llama_case, backend):
         with use_mixture(model, mixtures):
             results[name] = _logits(model, ids, mask)
     torch.testing.assert_close(results[backend], results["reference"], atol=ATOL, rtol=0)
+
+
+def test_modules_no_adapter_of_the_step_targets_skip_the_op(llama_case, tmp_path, monkeypatch):
+    """A q,v-only mixture calls the op on q_proj and v_proj only, and still equals PEFT; a mixture with a
+    7-projection adapter calls it everywhere. Tolerances relative to the logits' scale in float32, and
+    against PEFT in float64 (where rounding cannot hide a missing delta)."""
+    import dlp_lora.patch as patch_module
+
+    base, adapters = llama_case[0], dict(llama_case[1])
+    adapters["qv"] = make_adapter(base, tmp_path / "qv", seed=21, r=8, lora_alpha=16,
+                                  target_modules=["q_proj", "v_proj"])
+    called: list[int] = []
+    real_op = patch_module.ops.multi_lora
+    monkeypatch.setattr(patch_module.ops, "multi_lora",
+                        lambda y, *args, **kw: called.append(y.shape[-1]) or real_op(y, *args, **kw))
+    model = _patched(base, adapters)
+    names = {m: n for n, m in model.named_modules()}
+    calls_per_forward, modules = {}, []
+    for mixture in ({"qv": 1.0}, {"qv": 0.5, "a": 0.5}):
+        called.clear()
+        modules.clear()
+        hooks = [m.register_forward_hook(lambda mod, i, o: modules.append(names[mod]))
+                 for m in model.modules() if hasattr(m, "dlp_lora_adapters")]
+        with use_mixture(model, mixture):
+            _logits(model, _ids(1, 5, seed=3))
+        for h in hooks:
+            h.remove()
+        calls_per_forward[tuple(mixture)] = len(called)
+        assert len(modules) == 14  # every patched module ran (2 layers x 7 projections)
+    assert calls_per_forward[("qv",)] == 4  # q_proj and v_proj of 2 layers
+    assert calls_per_forward[("qv", "a")] == 14
+
+    ids = _ids(2, 9, seed=4)
+    for dtype, rel in ((torch.float32, 2e-6), (torch.float64, 1e-12)):
+        oracle = peft_oracle(base, {"qv": adapters["qv"]}).to(dtype)
+        expected = _logits(oracle, ids)
+        patched = patch_model(copy.deepcopy(base).to(dtype), LoRABank.from_peft({"qv": adapters["qv"]}),
+                              backend="reference" if dtype == torch.float64 else BACKEND)
+        with use_mixture(patched, {"qv": 1.0}):
+            got = _logits(patched, ids)
+        scale = expected.abs().max().item()
+        assert (expected - _logits(copy.deepcopy(base).to(dtype), ids)).abs().max() > 1e-2 * scale
+        torch.testing.assert_close(got, expected, atol=rel * scale, rtol=0)

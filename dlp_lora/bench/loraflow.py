@@ -348,6 +348,8 @@ class GateTraining:
     steps: int
     examples: int
     seconds: float
+    dev_losses: list[float] = field(default_factory=list)  # answer loss on the dev split after each epoch
+    best_epoch: int | None = None  # 1-based epoch whose gates were kept (with a dev split)
 
 
 def _batch(examples: Sequence[tuple[Sequence[int], Sequence[int]]], pad_id: int, device):
@@ -383,6 +385,8 @@ def answer_loss(model: nn.Module, examples: Sequence[tuple[Sequence[int], Sequen
 def train_gates(model: nn.Module, examples: Sequence[tuple[Sequence[int], Sequence[int]]], *,
                 epochs: int = 5, lr: float = 1e-3, batch_size: int = 4, weight_decay: float = 0.0,
                 pad_id: int = 0, seed: int = 0, max_seconds: float | None = None,
+                warmup_ratio: float | None = None, clip: float | None = None,
+                dev: Sequence[tuple[Sequence[int], Sequence[int]]] | None = None,
                 log: Callable[[str], None] | None = None) -> GateTraining:
     """Fit the LoRA-Flow gates of a patched model; everything else stays frozen.
 
@@ -390,7 +394,9 @@ def train_gates(model: nn.Module, examples: Sequence[tuple[Sequence[int], Sequen
     tokens given everything before them (right padding, masked). AdamW (betas 0.9/0.95, eps 1e-5,
     the authors' settings), shuffled each epoch with ``seed``. Runs the loop form (the op has no
     backward) and puts the modules' form back afterwards. max_seconds: stop after the step that
-    passes it.
+    passes it. The authors' full recipe adds: warmup_ratio (linear warm-up over that share of the
+    steps, then cosine decay to 0), clip (gradient norm clipping) and dev (the gates of the epoch
+    with the lowest dev answer loss are kept).
     """
     patch = _patch_of(model, "train_gates")
     if not examples:
@@ -402,6 +408,14 @@ def train_gates(model: nn.Module, examples: Sequence[tuple[Sequence[int], Sequen
     for p in params:
         p.requires_grad_(True)
     optimizer = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), eps=1e-5, weight_decay=weight_decay)
+    scheduler = None
+    if warmup_ratio is not None:
+        total = epochs * math.ceil(len(examples) / batch_size)
+        warmup = max(1, round(warmup_ratio * total))
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: (s + 1) / warmup if s < warmup else
+                                                      0.5 * (1 + math.cos(math.pi * (s - warmup)
+                                                                          / max(1, total - warmup))))
+    best, dev_losses = None, []
     device = params[0].device
     order = list(range(len(examples)))
     rng = random.Random(seed)
@@ -418,20 +432,34 @@ def train_gates(model: nn.Module, examples: Sequence[tuple[Sequence[int], Sequen
                     loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
                     optimizer.zero_grad(set_to_none=True)
                     loss.backward()
+                    if clip is not None:
+                        torch.nn.utils.clip_grad_norm_(params, clip)
                     optimizer.step()
+                    if scheduler is not None:
+                        scheduler.step()
                     epoch_loss, batches, steps = epoch_loss + loss.item(), batches + 1, steps + 1
                     if max_seconds is not None and time.perf_counter() - start > max_seconds:
                         break
                 losses.append(epoch_loss / batches)
+                if dev:
+                    dev_losses.append(answer_loss(model, dev, pad_id=pad_id, batch_size=batch_size))
+                    if best is None or dev_losses[-1] < best[1]:
+                        best = (epoch + 1, dev_losses[-1], [p.detach().clone() for p in params])
                 if log is not None:
-                    log(f"gate epoch {epoch + 1}: loss {losses[-1]:.4f}")
+                    dev_note = f", dev loss {dev_losses[-1]:.4f}" if dev else ""
+                    log(f"gate epoch {epoch + 1}: loss {losses[-1]:.4f}{dev_note}")
                 if max_seconds is not None and time.perf_counter() - start > max_seconds:
                     break
     finally:
         for p, flag in frozen.items():
             p.requires_grad_(flag)
         model.train(was_training)
-    return GateTraining(losses, steps, len(examples), time.perf_counter() - start)
+    if best is not None:
+        with torch.no_grad():
+            for p, kept in zip(params, best[2], strict=True):
+                p.copy_(kept)
+    return GateTraining(losses, steps, len(examples), time.perf_counter() - start, dev_losses,
+                        best[0] if best is not None else None)
 
 
 # ----------------------------------------------------------------------------- save / load

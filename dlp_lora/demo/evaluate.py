@@ -74,7 +74,7 @@ def exact_match(answers: list[str], targets: list[str]) -> list[bool]:
 
 
 @torch.no_grad()
-def _generate(model, tokenizer, prompts: list[str], max_new_tokens: int) -> tuple[list[str], float, int]:
+def greedy_answers(model, tokenizer, prompts: list[str], max_new_tokens: int) -> tuple[list[str], float, int]:
     """Greedy continuations (cut at EOS) and the decode (seconds, steps) of this call."""
     enc = tokenizer(prompts, return_tensors="pt", padding=True)
     clock = StepClock(enc["input_ids"].device)
@@ -115,15 +115,15 @@ def evaluate_composite(model, tokenizer, bank, router, rows: list[tuple[str, str
 
     # one untimed warm-up of every path (first-call allocations, lazy imports)
     warm = [p for _, p, _ in rows[:2]]
-    _generate(model, tokenizer, warm, 2)
+    greedy_answers(model, tokenizer, warm, 2)
     with _patched(model, bank, router, top_p):
-        _generate(model, tokenizer, warm, 2)
+        greedy_answers(model, tokenizer, warm, 2)
     if loraflow is not None:
-        _generate(loraflow, tokenizer, warm, 2)
+        greedy_answers(loraflow, tokenizer, warm, 2)
 
     def run(method: str, prompts: list[str], routing=None, on=model) -> None:
         with routing or contextlib.nullcontext():
-            answers[method], s, n = _generate(on, tokenizer, prompts, max_new)
+            answers[method], s, n = greedy_answers(on, tokenizer, prompts, max_new)
         seconds[method] += s
         steps[method] += n
 

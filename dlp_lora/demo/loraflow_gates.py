@@ -88,6 +88,51 @@ def train_demo_gates(model: nn.Module, bank, tokenizer, examples, out: str | Pat
             f"answer loss per epoch {losses}")
 
 
+def fix_gate_weights(flow: nn.Module, candidate: int | None, layers: Sequence[int] | None = None) -> None:
+    """Give the gates of ``layers`` (default: every layer) fixed weights, the same at every token:
+    candidate j alone (weight 1 on it, 0 on the others) or, with None, the uniform 1/k. The gate's
+    matrix is zeroed (softmax of zeros = 1/k) and its bias set to one-hot(j) - 1/k."""
+    import torch
+
+    gates = loraflow.loraflow_gates(flow)
+    for i in gates if layers is None else layers:
+        gate = gates[i]
+        k = gate.bias.shape[0]
+        with torch.no_grad():
+            gate.weight.zero_()
+            gate.bias.zero_()
+            if candidate is not None:
+                gate.bias.sub_(1.0 / k)
+                gate.bias[candidate] += 1.0
+
+
+def ceilings(model: nn.Module, bank, rows, score: Callable[[nn.Module, list], float]) -> dict:
+    """LoRA-Flow's ceilings through its own path (token-level weights) over ``bank``, on ``rows`` =
+    [(task, ...)] where task is a bank name; score(flow, rows) -> exact match of those rows.
+
+    oracle_weights: every layer's gate gives each prompt its own task's adapter alone;
+    oracle_weights_except_layer0: the same on every layer but the first, whose gate is left uniform
+    (the best gates can do when the first layer's input does not tell the task apart);
+    uniform: every adapter 1/k everywhere.
+    """
+    flow = loraflow_model(model, bank)
+    layers = sorted(loraflow.loraflow_gates(flow))
+    names = list(bank.names)
+    result = {}
+    for key, fixed_layers in (("oracle_weights", layers), ("oracle_weights_except_layer0", layers[1:])):
+        hits = 0.0
+        for j, name in enumerate(names):
+            own = [row for row in rows if row[0] == name]
+            if own:
+                fix_gate_weights(flow, None)
+                fix_gate_weights(flow, j, fixed_layers)
+                hits += score(flow, own) * len(own)
+        result[key] = hits / len(rows)
+    fix_gate_weights(flow, None)
+    result["uniform"] = score(flow, list(rows))
+    return result
+
+
 def trained_loraflow_model(model: nn.Module, bank, gates_dir: str | Path) -> nn.Module:
     """loraflow_model with the gates saved in ``gates_dir`` (by train_demo_gates)."""
     return load_gates(loraflow_model(model, bank), gates_dir)

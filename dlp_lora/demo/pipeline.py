@@ -31,7 +31,14 @@ from .._atomic import atomic_write_text
 from .._env import DEMO_DIR_ENV
 from ..bench.provenance import load_average, machine_info, timestamp, versions
 from . import build, loraflow_gates, shipped, tasks
-from .evaluate import METHOD_TITLES, CompositeResult, evaluate_composite, shuffled_composite
+from .evaluate import (
+    METHOD_TITLES,
+    CompositeResult,
+    evaluate_composite,
+    exact_match,
+    greedy_answers,
+    shuffled_composite,
+)
 
 DEFAULT_CACHE = Path(".cache") / "dlp_demo"
 EVAL_SEED = 1000  # the held-out composite's seed; training streams exclude its prompts
@@ -213,6 +220,8 @@ def _run(recipe: build.Recipe, cache: str | Path | None, out: str | Path, top_p:
     eval_start, eval_cpu_start = time.perf_counter(), time.process_time()
     result = evaluate_composite(model, tokenizer, bank, router, rows, top_p=top_p, loraflow=flow)
     eval_seconds, eval_cpu = time.perf_counter() - eval_start, time.process_time() - eval_cpu_start
+    ceilings = loraflow_ceilings(model, tokenizer, bank, rows)
+    log(f"LoRA-Flow path with fixed weights: {', '.join(f'{k} {100 * v:.1f}%' for k, v in ceilings.items())}")
 
     log("")
     log(format_table(result, top_p))
@@ -224,7 +233,7 @@ def _run(recipe: build.Recipe, cache: str | Path | None, out: str | Path, top_p:
         **result.to_json(),
         "top_p": top_p,
         "loraflow": {**loraflow_gates.settings(gate_examples_per_task(recipe)),
-                     "candidates": list(bank.names)},
+                     "candidates": list(bank.names), "ceilings": ceilings},
         # hidden_size: the README's caption names the base's width
         "recipe": {**dataclasses.asdict(recipe), "hidden_size": base["recipe"]["hidden_size"],
                    "base": base["recipe"]},
@@ -243,6 +252,17 @@ def _run(recipe: build.Recipe, cache: str | Path | None, out: str | Path, top_p:
     log(f"\ntime: {time_summary(art.seconds, setup_seconds, eval_seconds)}")
     log(f"results: {out.resolve()}/ (composite.json{', composite.png' if png else ''})")
     return result, out
+
+
+def loraflow_ceilings(model, tokenizer, bank, rows) -> dict:
+    """Exact match of the LoRA-Flow path with fixed weights (loraflow_gates.ceilings) on ``rows``."""
+    max_new = max(len(tokenizer(a, add_special_tokens=False)["input_ids"]) for _, _, a in rows) + 1
+
+    def score(flow, some_rows) -> float:
+        answers, _, _ = greedy_answers(flow, tokenizer, [p for _, p, _ in some_rows], max_new)
+        return sum(exact_match(answers, [a for _, _, a in some_rows])) / len(some_rows)
+
+    return loraflow_gates.ceilings(model, bank, rows, score)
 
 
 def time_summary(build_seconds: dict[str, float | None], setup: float, evaluation: float) -> str:
