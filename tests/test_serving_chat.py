@@ -204,3 +204,24 @@ def test_a_failed_chat_row_is_an_error_as_in_completions(chat_server):
                                                              {"content": "partial"}]
     assert chunks[2]["error"]["type"] == "server_error" and "the stub failed" in chunks[2]["error"]["message"]
     assert len(chunks) == 3
+
+
+def test_a_template_that_refuses_the_conversation_is_a_400_naming_messages():
+    """Templates may raise (e.g. on roles out of order): the front answers with that reason."""
+    import asyncio
+
+    from transformers import AutoTokenizer
+
+    from dlp_lora.serving.app import _Tokenizers
+    from dlp_lora.serving.protocol import APIError
+
+    tokenizer = AutoTokenizer.from_pretrained(str(sf.SMOLLM2_TOKENIZER))
+    tokenizer.chat_template = ("{% for m in messages %}{% if m['role'] == 'system' %}"
+                               "{{ raise_exception('System messages are not supported') }}{% endif %}"
+                               "{{ m['content'] }}{% endfor %}")
+    tokenizers = _Tokenizers(tokenizer, threads=1)
+    ids = asyncio.run(tokenizers.encode_chat([{"role": "user", "content": "Hello there."}]))
+    assert tokenizer.decode(ids) == "Hello there."
+    with pytest.raises(APIError) as info:
+        asyncio.run(tokenizers.encode_chat([{"role": "system", "content": "Be brief."}]))
+    assert info.value.param == "messages" and "System messages are not supported" in info.value.message
