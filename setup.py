@@ -12,7 +12,7 @@ Environment flags (also listed in README.md and dlp_lora/_env.py):
 import os
 from pathlib import Path
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
 ROOT = Path(__file__).parent
 CSRC = ROOT / "csrc"
@@ -75,9 +75,11 @@ def _extensions():
 ext_modules, cmdclass = _extensions()
 
 setup(
-    # triton_kernels/ ships INSIDE the package: a top-level `triton_kernels` module already exists
-    # on PyPI and in the Triton/vLLM world and would clash.
-    packages=["dlp_lora", "dlp_lora.ops", "dlp_lora.router", "dlp_lora.triton_kernels", "dlp_lora.bench", "dlp_lora.demo"],
+    # Every package under dlp_lora/ is found, so a new subpackage cannot be left out of the wheel
+    # (tests/test_wheel.py installs one and imports them all). triton_kernels/ ships INSIDE the
+    # package: a top-level `triton_kernels` module already exists on PyPI and in the Triton/vLLM
+    # world and would clash.
+    packages=find_packages(include=["dlp_lora", "dlp_lora.*"]) + ["dlp_lora.triton_kernels"],
     package_dir={"dlp_lora.triton_kernels": "triton_kernels"},
     package_data={"dlp_lora.demo": ["*.json", "base-model/*"]},
     ext_modules=ext_modules,

@@ -1,8 +1,10 @@
 // Argument checks shared by the CPU and CUDA implementations of torch.ops.dlp_lora.multi_lora.
 //
-// The Python layer (dlp_lora/ops/validate.py) checks everything first with friendlier messages; these
-// TORCH_CHECKs make a direct call of the compiled op just as safe: every message names the argument,
-// and nothing reaches a kernel that could read past a tensor.
+// For the `cpp` backend these are THE checks: dlp_lora.ops.multi_lora calls this op directly and turns a
+// failed TORCH_CHECK into its MultiLoRAArgumentError (it adds only the grad-mode check). The CUDA op runs
+// the layout checks here; its values are checked in Python (dlp_lora/ops/validate.py), since reading
+// them here would cost a device sync. Every message names the argument, and nothing reaches a kernel
+// that could read past a tensor.
 #pragma once
 
 #include <ATen/ATen.h>

@@ -224,8 +224,10 @@ class LoRABank:
         modules = {m: e.to(dtype, device) for m, e in self.modules.items()}
         return LoRABank(self.names, modules, self.configs, self.sources)
 
-    def summary(self) -> str:
-        """Adapters (ranks, scaling, targets), per-module shapes and memory, as readable text."""
+    def summary(self, verbose: bool = False) -> str:
+        """Readable text: per adapter its ranks, scaling and targets, per module kind (``self_attn.q_proj``:
+        the name after the layer index) its layers, shapes and memory; ``verbose`` adds every module,
+        in numeric layer order."""
         lines = [
             f"LoRABank: {len(self.names)} adapters, {len(self.modules)} target modules, "
             f"{self.nbytes / 2**20:.2f} MiB ({self.dtype}, {self.device}), eagerly loaded"
@@ -236,15 +238,26 @@ class LoRABank:
             scalings = sorted({round(float(e.scaling[i]), 6) for e in present.values()})
             cfg = self.configs.get(name, {})
             extra = ", rslora" if cfg.get("use_rslora") else ""
+            kinds = _by_kind(present)
+            targets = ", ".join(f"{kind} ({_layers(layers)})" for kind, layers in kinds.items())
             lines.append(
                 f"  [{i}] {name}: {len(present)} modules, rank {_span(ranks)}, "
-                f"scaling {_span(scalings)}{extra}"
+                f"scaling {_span(scalings)}{extra}; {targets}"
             )
-        lines.append("  modules (d_in -> d_out, r_max):")
-        for module_name, e in self.modules.items():
-            lines.append(
-                f"    {module_name}: {e.d_in} -> {e.d_out}, r_max {e.rank}, {e.nbytes / 2**10:.1f} KiB"
-            )
+        lines.append("  module kinds (layers, d_in -> d_out, r_max, memory):")
+        for kind, layers in _by_kind(self.modules).items():
+            entries = [self.modules[name] for name in layers.values()]
+            shapes = sorted({f"{e.d_in} -> {e.d_out}" for e in entries})
+            r_max = _span(sorted({e.rank for e in entries}))
+            kib = sum(e.nbytes for e in entries) / 2**10
+            lines.append(f"    {kind}: {_layers(layers)}, {', '.join(shapes)}, r_max {r_max}, {kib:.1f} KiB")
+        if verbose:
+            lines.append("  modules (d_in -> d_out, r_max):")
+            for module_name in sorted(self.modules, key=_numeric_order):
+                e = self.modules[module_name]
+                lines.append(
+                    f"    {module_name}: {e.d_in} -> {e.d_out}, r_max {e.rank}, {e.nbytes / 2**10:.1f} KiB"
+                )
         return "\n".join(lines)
 
     def __repr__(self) -> str:
@@ -252,6 +265,39 @@ class LoRABank:
             f"LoRABank(names={self.names}, modules={len(self.modules)}, "
             f"nbytes={self.nbytes}, dtype={self.dtype})"
         )
+
+
+def _numeric_order(module_name: str) -> tuple:
+    """Sort key: layers.2 before layers.10 (numbers compare as numbers)."""
+    return tuple((0, int(part), "") if part.isdigit() else (1, 0, part) for part in module_name.split("."))
+
+
+def _by_kind(module_names) -> dict[str, dict[int | None, str]]:
+    """{kind: {layer index: module name}}: the kind is the name after its first numeric part (the
+    layer index), e.g. ``model.layers.3.self_attn.q_proj`` -> ``self_attn.q_proj`` in layer 3; a name
+    with no number is its own kind, layer None."""
+    kinds: dict[str, dict[int | None, str]] = {}
+    for module_name in sorted(module_names, key=_numeric_order):
+        parts = module_name.split(".")
+        index = next((i for i, part in enumerate(parts) if part.isdigit()), None)
+        if index is None or index == len(parts) - 1:
+            kinds.setdefault(module_name, {})[None] = module_name
+        else:
+            kinds.setdefault(".".join(parts[index + 1:]), {})[int(parts[index])] = module_name
+    return kinds
+
+
+def _layers(layers: dict) -> str:
+    """``layers 0-29`` / ``layers 0-3, 8`` / ``1 module`` (no layer index)."""
+    numbers = sorted(n for n in layers if n is not None)
+    if not numbers:
+        return f"{len(layers)} module"
+    runs, start = [], numbers[0]
+    for prev, cur in zip(numbers, numbers[1:] + [None], strict=True):
+        if cur is None or cur != prev + 1:  # a run ends
+            runs.append(str(start) if start == prev else f"{start}-{prev}")
+            start = cur
+    return ("layer " if len(numbers) == 1 else "layers ") + ", ".join(runs)
 
 
 def _span(values: list) -> str:

@@ -21,9 +21,12 @@ import sys
 from pathlib import Path
 
 from .artifacts import check_router_matches, load_tokenizer
+from .options import DEFAULT_REROUTE, DEFAULT_TOP_P, REROUTE_MODES
 
 EXIT_BAD_INPUT = 2
 DEBUG_HELP = "show the full traceback on errors"
+TOP_P_HELP = f"router top-p threshold (default {DEFAULT_TOP_P})"
+REROUTE_HELP = "route again at every new sentence or once per prompt (default %(default)s)"
 
 
 class CLIError(Exception):
@@ -101,9 +104,11 @@ def parse_adapters(specs: list[str]) -> dict[str, Path]:
     return adapters
 
 
-def parse_mixture(spec: str, names: list[str]) -> dict[str, float]:
-    """`math=0.7,code=0.3` -> {"math": 0.7, "code": 0.3}; names must be adapters of the bank."""
-    mixture: dict[str, float] = {}
+def parse_mixture(spec: str, names: list[str]):
+    """`math=0.7,code=-0.3` -> a Mixture of the bank's adapters, under the rule of dlp_lora/mixture.py."""
+    from .mixture import Mixture, MixtureError
+
+    weights: dict[str, float] = {}
     for part in filter(None, (p.strip() for p in spec.split(","))):
         name, sep, weight = part.partition("=")
         try:
@@ -112,10 +117,13 @@ def parse_mixture(spec: str, names: list[str]) -> dict[str, float]:
             value = None
         if not sep or value is None:
             raise CLIError(f"--mixture: expected name=weight[,name=weight...], got {spec!r}")
-        if name not in names:
-            raise CLIError(f"--mixture: unknown adapter {name!r}; the adapters are {names}")
-        mixture[name] = value
-    return mixture
+        if name in weights:
+            raise CLIError(f"--mixture: the adapter {name!r} is given twice")
+        weights[name] = value
+    try:
+        return Mixture(weights, names)
+    except MixtureError as e:
+        raise CLIError(f"--mixture: {e.detail}") from None
 
 
 def read_task_jsonl(path: Path) -> tuple[list[str], list[str]]:
@@ -187,12 +195,9 @@ def cmd_train_router(args) -> int:
 
 def cmd_generate(args) -> int:
     import torch
-    from transformers import AutoModelForCausalLM
-    from transformers.utils import logging as hf_logging
 
-    from .bank import LoRABank
-    from .patch import patch_model, use_mixture
-    from .router import Router
+    from .artifacts import load_patched_model, load_tokenizer
+    from .patch import use_mixture
 
     model_dir = existing_dir(args.model, "--model")
     if not (model_dir / "config.json").is_file():
@@ -201,6 +206,7 @@ def cmd_generate(args) -> int:
     router_dir = existing_dir(args.router, "--router") if args.router else None
     if router_dir is None and args.mixture is None:
         raise CLIError("give --router DIR (routed mixtures) or --mixture name=weight,... (a fixed one)")
+    mixture = parse_mixture(args.mixture, list(adapters)) if args.mixture is not None else None
     prompts = list(args.prompt)
     if any(not p.strip() for p in prompts):
         raise CLIError("--prompt: empty prompt")
@@ -208,24 +214,11 @@ def cmd_generate(args) -> int:
     if args.max_new_tokens < 1:
         raise CLIError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     device = parse_device(args.device)
-    dtype = getattr(torch, args.dtype)
-    hf_logging.disable_progress_bar()  # stderr is for errors; "Loading weights" bars would precede them
 
-    bank = LoRABank.from_peft(adapters)
-    mixture = parse_mixture(args.mixture, bank.names) if args.mixture is not None else None
-    tokenizer = load_tokenizer(model_dir, "--model")
-    chat = use_chat_template(args.chat, tokenizer)
-    router = Router.load(router_dir) if router_dir else None
-    if router is not None:
-        check_router_matches(router, bank.names, tokenizer)
-    from safetensors import SafetensorError
-
-    try:
-        model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype).to(device).eval()
-    except (OSError, ValueError, SafetensorError) as e:  # SafetensorError: a damaged weights file
-        raise CLIError(f"--model: no causal LM could be loaded from {model_dir} ({_one_line(e)})") from None
-    patch_model(model, bank, router, top_p=args.top_p, max_loras=args.max_loras, reroute=args.reroute,
-                tokenizer=tokenizer)
+    # --chat on a tokenizer without a template is refused before the model loads
+    chat = use_chat_template(args.chat, load_tokenizer(model_dir, "--model"))
+    model, tokenizer = load_patched_model(model_dir, adapters, router_dir, device=device, dtype=args.dtype,
+                                          top_p=args.top_p, max_loras=args.max_loras, reroute=args.reroute)
 
     texts = [chat_text(tokenizer, p) for p in prompts] if chat else prompts
     # a chat template writes its own special tokens (e.g. <|im_start|>): the tokenizer must not add more
@@ -292,7 +285,7 @@ def cmd_inspect(args) -> int:
     from .bank import LoRABank
 
     bank = LoRABank.from_peft(parse_adapters(args.adapters))
-    print(bank.summary())
+    print(bank.summary(verbose=args.verbose))
     for name, cfg in bank.configs.items():
         targets = cfg.get("target_modules")
         print(f"  {name}: target_modules={targets!r}, r={cfg.get('r')}, lora_alpha={cfg.get('lora_alpha')}, "
@@ -521,16 +514,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="each prompt is a user message in the tokenizer's chat template (default: when the "
                         "tokenizer has one; the router then reads the messages, not the template)")
     p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--top-p", type=float, default=0.6, help="router top-p threshold (default 0.6)")
+    p.add_argument("--top-p", type=float, default=DEFAULT_TOP_P, help=TOP_P_HELP)
     p.add_argument("--max-loras", type=int, default=None, help="cap on adapters per mixture")
-    p.add_argument("--reroute", choices=("sentence", "prompt"), default="sentence",
-                   help="route again at every new sentence (default) or once per prompt")
+    p.add_argument("--reroute", choices=REROUTE_MODES, default=DEFAULT_REROUTE, help=REROUTE_HELP)
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("inspect", help="show adapters, target modules, ranks, scaling and bank memory")
     p.add_argument("--adapters", required=True, nargs="+", metavar="NAME=DIR")
+    p.add_argument("--verbose", action="store_true", help="also list every module, in layer order")
     p.set_defaults(func=cmd_inspect)
 
     p = sub.add_parser("serve", help="an OpenAI-compatible server (Ray Serve) batching concurrent requests",
@@ -546,9 +539,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="how long a batch waits to fill (default 10)")
     p.add_argument("--host", default="127.0.0.1", help="HTTP address (default 127.0.0.1; 0.0.0.0 for all)")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--reroute", choices=("sentence", "prompt"), default="sentence",
-                   help="route again at every new sentence (default) or once per prompt")
-    p.add_argument("--top-p", type=float, default=0.6, help="router top-p threshold (default 0.6)")
+    p.add_argument("--reroute", choices=REROUTE_MODES, default=DEFAULT_REROUTE, help=REROUTE_HELP)
+    p.add_argument("--top-p", type=float, default=DEFAULT_TOP_P, help=TOP_P_HELP)
     p.add_argument("--max-loras", type=int, default=None, help="cap on adapters per mixture")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="cuda: one GPU per replica")
     p.add_argument("--address", default=None,
@@ -565,10 +557,10 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Export a fixed or routed mixture as one exact PEFT LoRA adapter of rank "
                                    "sum_k r_k (see docs/serving_with_vllm.md).")
     p.add_argument("--adapters", required=True, nargs="+", metavar="NAME=DIR", help="PEFT LoRA adapter dirs")
-    p.add_argument("--mixture", metavar="NAME=W,...", help="the mixture to export (weights >= 0)")
+    p.add_argument("--mixture", metavar="NAME=W,...", help="the mixture to export (negative weights allowed)")
     p.add_argument("--router", metavar="DIR", help="a router saved by train-router, instead of --mixture")
     p.add_argument("--prompt", help="with --router: the prompt whose routed mixture is exported")
-    p.add_argument("--top-p", type=float, default=0.6, help="router top-p threshold (default 0.6)")
+    p.add_argument("--top-p", type=float, default=DEFAULT_TOP_P, help=TOP_P_HELP)
     p.add_argument("--max-loras", type=int, default=None, help="cap on adapters in the routed mixture")
     p.add_argument("--out", required=True, metavar="DIR", help="the adapter directory to write")
     p.add_argument("--pad-rank", type=int, default=None, metavar="R",

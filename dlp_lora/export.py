@@ -16,7 +16,8 @@ without its limits (rslora on the first adapter, mixed target_modules types).
 Choices:
 - Adapters are concatenated in bank order, whatever the order of the mixture dict, so the same
   mixture always gives the same bytes and the same content hash.
-- Zero weights are dropped: they add nothing, and keeping them would only spend rank.
+- The mixture follows the one rule of dlp_lora/mixture.py: negative weights are allowed (A' = w A
+  is exact for any sign), zero weights are dropped (they add nothing and would only spend rank).
 - A module that some adapters of the mixture do not target gets no rows from them; a module none of
   them targets is left out. Every module is zero-padded to one rank R (PEFT and vLLM take a single
   ``r`` here), R = the largest per-module sum of ranks, or ``pad_rank``.
@@ -32,8 +33,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
-import numbers
 from collections.abc import Mapping
 from enum import Enum
 from pathlib import Path
@@ -43,6 +42,7 @@ import torch
 from ._atomic import atomic_directory
 from .adapters import CONFIG_NAME, PEFT_PREFIX, SAFETENSORS_NAME
 from .bank import LoRABank
+from .mixture import Mixture, MixtureError
 from .ops.reference import accumulation_dtype
 
 __all__ = ["export_mixture", "mixture_rank", "content_hash", "ExportError", "VLLM_MAX_LORA_RANKS"]
@@ -77,7 +77,7 @@ def export_mixture(
     pad_rank: int | None = None,
     overwrite: bool = False,
 ) -> Path:
-    """Write ``mixture`` = {adapter name: weight >= 0} of ``bank`` as one PEFT LoRA adapter in ``out_dir``.
+    """Write ``mixture`` = {adapter name: weight} of ``bank`` as one PEFT LoRA adapter in ``out_dir``.
 
     Writes adapter_config.json, adapter_model.safetensors (``base_model.model.<module>.lora_A.weight``
     [R, d_in] and ``.lora_B.weight`` [d_out, R], ``dtype``, default the bank's) and dlp_mixture.json.
@@ -85,8 +85,8 @@ def export_mixture(
     pad_rank: export at this rank R (zero rows / columns), e.g. the engine's max_lora_rank.
     overwrite: replace an existing non-empty ``out_dir`` (only one holding an adapter).
     Returns ``out_dir`` as a Path. Raises ExportError (a ValueError) naming the argument, before
-    anything is written, for an unknown adapter, an empty or all-zero mixture, a negative, NaN or
-    infinite weight, a ``pad_rank`` below the mixture's rank, or an ``out_dir`` that exists.
+    anything is written, for a mixture that breaks the rule of :mod:`dlp_lora.mixture` (negative
+    weights are allowed), a ``pad_rank`` below the mixture's rank, or an ``out_dir`` that exists.
     """
     kept, dropped = _check_mixture(bank, mixture)
     dtype = _check_dtype(bank, dtype)
@@ -153,23 +153,12 @@ def content_hash(tensors: Mapping[str, torch.Tensor], config: Mapping) -> str:
 
 
 def _check_mixture(bank: LoRABank, mixture) -> tuple[list[tuple[str, float]], list[str]]:
-    """(kept [(name, weight)] in bank order, names with weight 0), or ExportError."""
-    if not isinstance(mixture, Mapping):
-        raise ExportError("mixture", f"must be a dict {{adapter name: weight}}, got {type(mixture).__name__}")
-    if not mixture:
-        raise ExportError("mixture", "is empty: give at least one {adapter name: weight}")
-    unknown = [name for name in mixture if name not in bank.names]
-    if unknown:
-        raise ExportError("mixture", f"names unknown adapter(s) {unknown}; the bank holds {bank.names}")
-    for name, weight in mixture.items():
-        if isinstance(weight, bool) or not isinstance(weight, numbers.Real) or not math.isfinite(weight):
-            raise ExportError("mixture", f"weight of {name!r} must be a finite number, got {weight!r}")
-        if weight < 0:
-            raise ExportError("mixture", f"weight of {name!r} must be >= 0, got {weight!r}")
-    kept = [(name, float(mixture[name])) for name in bank.names if mixture.get(name, 0) != 0]
-    if not kept:
-        raise ExportError("mixture", f"{dict(mixture)} has only zero weights: that is the base model")
-    return kept, [name for name in bank.names if name in mixture and mixture[name] == 0]
+    """(kept [(name, weight)] in bank order, names given with weight 0), or ExportError."""
+    try:
+        checked = Mixture(mixture, bank.names)
+    except MixtureError as e:
+        raise ExportError("mixture", e.detail) from None
+    return checked.in_order(bank.names), list(checked.dropped)
 
 
 def _check_dtype(bank: LoRABank, dtype) -> torch.dtype:

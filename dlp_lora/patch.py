@@ -2,7 +2,7 @@
 
     model = patch_model(model, bank, router, top_p=0.6)       # in place; returns model
     model.generate(input_ids, attention_mask=mask)             # each sequence gets its own mixture
-    with use_mixture(model, [{"math": 0.7, "de_en": 0.3}, {}]):  # bypass the router
+    with use_mixture(model, [{"math": 0.7, "de_en": 0.3}, {"code": 1.0}]):  # bypass the router
         logits = model(input_ids).logits
     unpatch_model(model)                                       # bit-identical to before
 
@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-import math
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -30,7 +29,10 @@ import torch
 from torch import nn
 
 from . import ops
+from .artifacts import label_mismatch
 from .bank import LoRABank
+from .mixture import Mixture, MixtureError
+from .options import DEFAULT_REROUTE, DEFAULT_TOP_P
 from .router.top_p import check_max_loras, check_top_p
 from .routing_state import (
     REROUTE_MODES,
@@ -47,7 +49,6 @@ __all__ = ["patch_model", "unpatch_model", "use_mixture", "is_patched", "PatchEr
 BUFFER_A, BUFFER_B, STATE_ATTR = "dlp_lora_a", "dlp_lora_b", "dlp_routing"
 MASK_ATTR = "dlp_lora_adapters"  # bit i set when adapter i targets the module (see RoutingState.adapters)
 HANDLE_ATTR, LOG_ATTR = "_dlp_lora_patch", "dlp_routing_log"
-FLOAT32_MAX = torch.finfo(torch.float32).max
 
 
 class PatchError(ValueError):
@@ -179,9 +180,9 @@ def patch_model(
     loras: LoRABank | Mapping | Sequence,
     router=None,
     *,
-    top_p: float = 0.6,
+    top_p: float = DEFAULT_TOP_P,
     max_loras: int | None = None,
-    reroute: str = "sentence",
+    reroute: str = DEFAULT_REROUTE,
     backend: str | None = None,
     tokenizer=None,
 ) -> nn.Module:
@@ -269,12 +270,14 @@ def use_mixture(
 ) -> Iterator[Sequence[RoutingRecord]]:
     """Choose each row's adapters: sequence b of every forward inside uses ``mixtures[b]``.
 
-    An entry is a fixed mixture {adapter: weight}, or ``Route(top_p=..., max_loras=...)`` / None
-    to let the router route that row (with its own top_p / max_loras, or the patch's). One entry
-    per sequence of the batch (a single one applies to every sequence). Weights are used as given
-    (not renormalised; the adapters' own scaling is already in the bank). {} is exactly the base
-    model. An unknown adapter name raises ValueError listing the bank's names; the previous routing
-    (router or an outer use_mixture) comes back on exit.
+    An entry is a fixed mixture {adapter: weight}, ``{}`` for no adapter (that row is the base
+    model, bit for bit), or ``Route(top_p=..., max_loras=...)`` / None to let the router route that
+    row (with its own top_p / max_loras, or the patch's). One entry
+    per sequence of the batch (a single one applies to every sequence). A mixture follows the rule
+    of :mod:`dlp_lora.mixture` (non-empty, known names, finite weights with |w| <= 100, negative
+    allowed, zeros dropped, not all zero): MixtureError (a ValueError) names the entry otherwise.
+    Weights are used as given (not renormalised; the adapters' own scaling is already in the bank).
+    The previous routing (router or an outer use_mixture) comes back on exit.
 
     Per thread: another thread's forwards inside their own use_mixture never see these mixtures.
     Yields the routing log of this thread's latest generation (as ``model.dlp_routing_log``).
@@ -310,11 +313,9 @@ def _check_router(router, bank: LoRABank) -> None:
         raise PatchError(
             f"patch_model: `router` must have label_names and route(), got {type(router).__name__}"
         )
-    if sorted(labels) != sorted(bank.names) or len(set(labels)) != len(labels):
-        raise PatchError(
-            f"patch_model: the router's label names {list(labels)} differ from the bank's adapter "
-            f"names {bank.names}"
-        )
+    mismatch = label_mismatch(labels, bank.names)
+    if mismatch:
+        raise PatchError(f"patch_model: the router does not fit the bank: {mismatch}")
 
 
 def _resolve_targets(model: nn.Module, bank: LoRABank) -> dict:
@@ -397,18 +398,11 @@ def _parse_mixtures(mixtures, names: list[str]) -> list[RowSpec]:
                 f"use_mixture: mixtures[{b}] must be a dict {{adapter_name: weight}}, a Route or None, "
                 f"got {mixture!r}"
             )
-        unknown = [name for name in mixture if name not in names]
-        if unknown:
-            raise ValueError(
-                f"use_mixture: mixtures[{b}] names unknown adapter(s) {unknown}; valid names: {names}"
-            )
-        for name, weight in mixture.items():
-            # the op's weights are float32: a finite double beyond its range would become inf there
-            if (isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight)
-                    or abs(weight) > FLOAT32_MAX):
-                raise ValueError(
-                    f"use_mixture: mixtures[{b}][{name!r}] must be a finite number within float32's range "
-                    f"(|w| <= {FLOAT32_MAX:.3g}), got {weight!r}"
-                )
-        parsed.append((tuple(names.index(n) for n in mixture), tuple(float(w) for w in mixture.values())))
+        if not mixture:  # no adapter: the base model for this row (a row's choice, not a mixture)
+            parsed.append(((), ()))
+            continue
+        try:
+            parsed.append(Mixture(mixture, names).bank_ids(names))
+        except MixtureError as e:
+            raise e.named(f"use_mixture: mixtures[{b}]") from None
     return parsed

@@ -58,7 +58,7 @@ from .sentences import SentenceRule
 
 __all__ = ["REROUTE_MODES", "Route", "RoutingRecord", "RoutingState", "SequenceRouting"]
 
-REROUTE_MODES = ("prompt", "sentence")
+from .options import REROUTE_MODES  # noqa: E402 - re-exported: patch_model checks it
 
 # A mixture in bank space: (adapter ids, weights), equal lengths; () = base model.
 Mixture = tuple[tuple[int, ...], tuple[float, ...]]

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import torch
-from peft_fixtures import TASKS, make_adapter, task_sentence, tiny_model, word_tokenizer
+from peft_fixtures import ROUTING_WEIGHT_ATOL, TASKS, make_adapter, task_sentence, tiny_model, word_tokenizer
 
 # Prompts of several sentences (so the router splits them into spans), mostly one task's words.
 PROMPTS = [
@@ -78,6 +79,19 @@ def config(art: dict, **overrides):
 
     return ServeConfig(model=str(art["model"]), adapters={k: str(v) for k, v in art["adapters"].items()},
                        router=str(art["router"]), **overrides)
+
+
+
+
+def assert_routing_equal(got: list[dict], expected: list[dict], where: object = "") -> None:
+    """Routing spans ({"position", "adapters": {name: weight}, "reason"}): all exact but the weights."""
+    def shape(spans):
+        return [(s["position"], s["reason"], list(s["adapters"])) for s in spans]
+
+    assert shape(got) == shape(expected), where
+    for g, e in zip(got, expected, strict=True):
+        weights = list(e["adapters"].values())
+        assert list(g["adapters"].values()) == pytest.approx(weights, abs=ROUTING_WEIGHT_ATOL), where
 
 
 def generate_alone(model, tokenizer, prompt: str, max_tokens: int, mixture: dict | None = None,

@@ -108,7 +108,26 @@ def test_list_of_dirs_dtype_to_summary(adapters):
     text = bank.summary()
     for name in bank.names:
         assert name in text
-    assert "model.layers.1.self_attn.q_proj" in text and "MiB" in text
+    assert "self_attn.q_proj: layers 0-1" in text and "MiB" in text
+    assert "model.layers.1.self_attn.q_proj" not in text  # one line per module kind, not per module
+    assert "model.layers.1.self_attn.q_proj" in bank.summary(verbose=True)
+
+
+def test_summary_per_module_kind_and_verbose_in_layer_order():
+    """A 12-layer bank: kinds with their layer runs; --verbose lists layers.2 before layers.10."""
+    layers = [0, 1, 2, 3, 10, 11]
+    modules = {f"model.layers.{i}.{kind}": (torch.randn(4, 8), torch.randn(8, 4), 1.0)
+               for i in layers for kind in ("self_attn.q_proj", "mlp.down_proj")}
+    other = {k: v for k, v in modules.items() if ".mlp." in k and not k.startswith("model.layers.1")}
+    bank = LoRABank.from_adapters({"a": modules, "b": other})
+    lines = bank.summary().splitlines()
+    assert len(lines) == 6, lines  # the header, 2 adapters, the kinds' title, 2 kinds
+    assert "mlp.down_proj (layers 0-3, 10-11), self_attn.q_proj (layers 0-3, 10-11)" in lines[1]
+    assert "[1] b: 3 modules" in lines[2] and "mlp.down_proj (layers 0, 2-3)" in lines[2]
+    assert lines[4].startswith("    mlp.down_proj: layers 0-3, 10-11, 8 -> 8, r_max 4")
+    full = bank.summary(verbose=True).splitlines()[6:]
+    assert [line.split(":")[0].strip() for line in full[1:]] == sorted(
+        modules, key=lambda name: (int(name.split(".")[2]), name))
 
 
 def _bin_copy(source, directory):

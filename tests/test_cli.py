@@ -127,6 +127,10 @@ def test_inspect_lists_adapters_ranks_scaling_memory(art, capsys):
     out = capsys.readouterr().out
     for needle in ("2 adapters", "reverse", "caesar", "rank 8", "scaling 2", "MiB", "q_proj", "down_proj"):
         assert needle in out, needle
+    assert ".layers.0." not in out  # a line per module kind, not per module
+    assert main(["inspect", "--verbose", "--adapters", *_adapter_args(art["adapters"])]) == 0
+    verbose = capsys.readouterr().out
+    assert set(out.splitlines()) < set(verbose.splitlines()) and ".layers.0.self_attn.q_proj:" in verbose
 
 
 def test_console_entry_point_runs_without_traceback(art):
@@ -212,7 +216,7 @@ def test_generate_router_labels_do_not_match_adapters(art, capsys):
 def test_bad_mixture_and_prompt(art, capsys):
     base = ["generate", "--model", str(art["model"]), "--adapters", *_adapter_args(art["adapters"])]
     code = main([*base, "--mixture", "sort=1", "--prompt", "x"])
-    _assert_one_line_error(capsys, code, "unknown adapter 'sort'")
+    _assert_one_line_error(capsys, code, "--mixture: names unknown adapter(s) ['sort']")
     _assert_one_line_error(capsys, main([*base, "--mixture", "reverse=1", "--prompt", " "]), "empty prompt")
     _assert_one_line_error(capsys, main([*base, "--prompt", "x"]), "--router")
 

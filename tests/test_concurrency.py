@@ -15,6 +15,7 @@ import torch
 from peft_fixtures import (
     TASKS,
     CountingRouter,
+    assert_same_routing,
     assert_same_snapshot,
     default_backend,
     left_pad,
@@ -74,7 +75,7 @@ def test_threads_with_different_mixtures_equal_serial(task_adapters, tok):
     """4 threads, each in its own use_mixture: forward and generate() logits equal the serial ones."""
     model = _patched(task_adapters, tok)
     prompts = [tok(t)["input_ids"] for t in ("al1 al2 the", "be1 of be3 be4", "ga1 ga2", "the al3 be2")]
-    mixtures = [{"alpha": 1.0}, {"beta": 0.6, "gamma": 0.4}, {"gamma": 2.0}, {}]
+    mixtures = [{"alpha": 1.0}, {"beta": 0.6, "gamma": 0.4}, {"gamma": 2.0}, {"alpha": 1.5, "beta": -0.5}]
 
     def calls(i):
         with use_mixture(model, mixtures[i]) as log:
@@ -123,7 +124,7 @@ def test_rows_mix_router_and_fixed_mixtures(task_adapters, tok):
             alone = _forward(model, prompt)
             expected = [r.__class__(r.step, b, *list(r.__dict__.values())[2:]) for r in alone_log]
         torch.testing.assert_close(logits[b, -len(prompt):], alone, atol=ATOL, rtol=0)
-        assert [r for r in batch_log if r.sequence == b] == expected
+        assert_same_routing([r for r in batch_log if r.sequence == b], expected)
     assert [r.reason for r in batch_log if r.sequence == 1] == ["mixture"]
     assert len([r for r in batch_log if r.sequence == 0]) == 2  # the "." starts a second span
     top_p_one = [r for r in batch_log if r.sequence == 2][0]
@@ -156,7 +157,7 @@ def test_pickled_patched_model_gives_identical_outputs(task_adapters, tok, backe
 
 def test_weight_beyond_float32_is_refused(task_adapters, tok):
     model = _patched(task_adapters, tok)
-    with pytest.raises(ValueError, match=r"mixtures\[0\]\['alpha'\].*float32"):
+    with pytest.raises(ValueError, match=r"mixtures\[0\] weight of 'alpha' .*\|weight\| <= 100"):
         with use_mixture(model, {"alpha": 1e39}):
             pass
 

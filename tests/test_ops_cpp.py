@@ -236,6 +236,15 @@ def test_bad_input_direct_call_raises(mutate, arg):
         assert torch.equal(case[0], y_before)
 
 
+@pytest.mark.parametrize("index, arg", [(0, "y"), (2, "lora_a"), (5, "lora_ids")])
+def test_non_tensor_argument_is_named(index, arg):
+    """The door leaves type checks to the op's schema; its error still names the argument."""
+    case = _base()
+    case[index] = case[index].tolist()
+    with pytest.raises(MultiLoRAArgumentError, match=f"argument '{arg}'"):
+        ops.multi_lora(*case, backend="cpp")
+
+
 def test_float64_is_reference_only():
     args = CASE_SWEEP[1].tensors(torch.float64)
     with pytest.raises(MultiLoRAArgumentError, match="float64"):

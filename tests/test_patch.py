@@ -101,8 +101,8 @@ def test_mixture_matches_peft_cat(arch_case):
     torch.testing.assert_close(got, expected, atol=ATOL, rtol=0)
 
 
-def test_empty_mixture_is_exactly_base(arch_case):
-    """3. {} is the base model, bit for bit, alone and next to a sequence that has adapters."""
+def test_empty_entry_is_exactly_base(arch_case):
+    """{} (no adapter) is the base model, bit for bit, alone and next to a sequence that has adapters."""
     arch, base, adapters = arch_case
     ids = _ids(2, 6, seed=2)
     base_logits = _logits(base, ids)
@@ -113,6 +113,23 @@ def test_empty_mixture_is_exactly_base(arch_case):
         got = _logits(model, ids)
     assert torch.equal(got[0], base_logits[0])
     assert not torch.allclose(got[1], base_logits[1])
+
+
+def test_zero_weights_are_dropped(arch_case):
+    """3. A zero weight adds nothing: {plain: 1, rslora: 0} is {plain: 1} bit for bit. A mixture of zero
+    weights only is the base model, not a mixture: refused (the rule of dlp_lora/mixture.py)."""
+    arch, base, adapters = arch_case
+    ids = _ids(2, 6, seed=2)
+    model = _patched(base, adapters)
+    with use_mixture(model, {"plain": 1.0}):
+        expected = _logits(model, ids)
+    with use_mixture(model, {"plain": 1.0, "rslora": 0}) as log:
+        got = _logits(model, ids)
+        assert {r.adapters for r in log} == {("plain",)}
+    assert torch.equal(got, expected)
+    with pytest.raises(ValueError, match=r"mixtures\[0\] has only zero weights"):
+        with use_mixture(model, [{"plain": 0.0, "rslora": 0}, {"plain": 1.0}]):
+            pass
 
 
 def test_unpatch_is_bit_identical(arch_case):
@@ -238,7 +255,7 @@ def test_use_mixture_nesting_and_errors(arch_case):
                 pass
     with pytest.raises(RuntimeError, match="without a router"):  # no router and no mixture
         _logits(model, ids)
-    with pytest.raises(PatchError, match="not patched"), use_mixture(base, {}):
+    with pytest.raises(PatchError, match="not patched"), use_mixture(base, {"plain": 1.0}):
         pass
 
 
@@ -307,7 +324,7 @@ def test_bad_patch_inputs_leave_model_unchanged(llama_case):
         model,
         lambda: patch_model(model, bank, _LabelsOnly(["a", "c"])),
         PatchError,
-        r"label names \['a', 'c'\] differ from the bank's adapter names \['a', 'b'\]",
+        r"router does not fit the bank: its labels \['a', 'c'\] do not match the adapters \['a', 'b'\]",
     )
     for top_p in (0, 0.0, -0.1, 1.5, float("nan"), "0.5", True):
         _refused(model, lambda top_p=top_p: patch_model(model, bank, top_p=top_p), ValueError, "top_p")
@@ -357,7 +374,7 @@ def test_deepcopy_of_a_patched_model(llama_case):
         expected = _logits(model, ids)
     with use_mixture(twin, [{"a": 1.0}, {"b": 1.0}]):
         assert torch.equal(_logits(twin, ids), expected)
-        with use_mixture(model, {}):  # the original's routing does not leak into the copy
+        with use_mixture(model, {"b": -1.0}):  # the original's routing does not leak into the copy
             assert torch.equal(_logits(twin, ids), expected)
     unpatch_model(twin)
     assert torch.equal(_logits(twin, ids), _logits(base, ids))

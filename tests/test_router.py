@@ -4,6 +4,7 @@ The tokenizer is a word-level one built here with the `tokenizers` library (no d
 """
 
 import random
+from pathlib import Path
 
 import pytest
 import torch
@@ -159,6 +160,28 @@ def test_train_prints_held_out_accuracy(tokenizer, capsys):
     texts, labels = make_texts(10, seed=4)
     Router.fit(texts, labels, tokenizer, epochs=1, verbose=True, **SMALL)
     assert "held-out accuracy" in capsys.readouterr().out
+
+
+def test_progress_in_a_log_is_one_line_per_epoch(tmp_path):
+    """Off a terminal (a log file, CI, a server), no progress bar: one line per epoch, no carriage returns."""
+    import subprocess
+    import sys
+
+    log = tmp_path / "train.log"
+    script = (
+        "import test_router as t\n"
+        "from dlp_lora import Router\n"
+        "texts, labels = t.make_texts(40, seed=5)\n"
+        "Router.fit(texts, labels, t.make_tokenizer(), epochs=3, batch_size=4, verbose=True, **t.SMALL)\n"
+    )
+    with log.open("w") as stderr:
+        subprocess.run([sys.executable, "-c", script], cwd=Path(__file__).parent, stderr=stderr,
+                       stdout=subprocess.DEVNULL, check=True, timeout=300)
+    text = log.read_text()
+    assert "\r" not in text
+    lines = text.splitlines()
+    assert [line.split(",")[0] for line in lines] == [f"router: epoch {e}/3" for e in (1, 2, 3)], text
+    assert all("steps, mean loss" in line for line in lines)
 
 
 def test_train_is_module_train_and_fit_trains():

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..options import DEFAULT_TOP_P
 from .baselines import FORMS as _FORM_FUNCTIONS
 
 FORMS = tuple(_FORM_FUNCTIONS)  # the MeteoRA-style execution forms
@@ -60,7 +61,7 @@ class BenchSettings:
     warmup_tokens: int = 4
     rank: int = 8
     lora_alpha: int = 16
-    top_p: float = 0.6
+    top_p: float = DEFAULT_TOP_P
     max_loras: int = 3
     reroute: str = "prompt"
     scaling: bool = False

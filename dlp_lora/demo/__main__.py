@@ -22,6 +22,8 @@ import sys
 import time
 from pathlib import Path
 
+from ..options import DEFAULT_TOP_P
+
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m dlp_lora.demo", description=__doc__.split("\n\n")[1])
@@ -31,7 +33,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=None, help="results folder (default: demo_out, or demo_out/smoke)")
     parser.add_argument("--seed", type=int, default=0,
                         help="seed of the adapters, the router and their data streams (the base is fixed)")
-    parser.add_argument("--top-p", type=float, default=0.6, help="DLP-LoRA's top-p threshold (default 0.6)")
+    parser.add_argument("--top-p", type=float, default=DEFAULT_TOP_P,
+                        help=f"DLP-LoRA's top-p threshold (default {DEFAULT_TOP_P})")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch CPU threads of the evaluation (default 1: a second one gains ~1.2x on an "
                              "idle 2-core machine and can cost 10-50x on a busy one); training always uses 1")

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..bench.timing import StepClock
+from ..options import DEFAULT_TOP_P
 
 METHODS = ("base", "oracle", "dlp")
 LORAFLOW = "loraflow"  # a fourth method, where evaluate_composite is given a LoRA-Flow model
@@ -91,7 +92,7 @@ def shuffled_composite(rows: list[tuple[str, str, str]], seed: int) -> list[tupl
 
 
 def evaluate_composite(model, tokenizer, bank, router, rows: list[tuple[str, str, str]], *,
-                       top_p: float = 0.6, batch_size: int = 32, progress: bool = True,
+                       top_p: float = DEFAULT_TOP_P, batch_size: int = 32, progress: bool = True,
                        loraflow=None) -> CompositeResult:
     """Run base, oracle and DLP-LoRA (and LoRA-Flow) over `rows` = shuffled (task, prompt, answer); see
     the module doc.

@@ -30,6 +30,7 @@ import torch
 from .._atomic import atomic_write_text
 from .._env import DEMO_DIR_ENV
 from ..bench.provenance import load_average, machine_info, timestamp, versions
+from ..options import DEFAULT_TOP_P
 from . import build, loraflow_gates, shipped, tasks
 from .evaluate import (
     METHOD_TITLES,
@@ -185,7 +186,7 @@ def gate_examples_per_task(recipe: build.Recipe) -> int:
 
 
 def run(recipe: build.Recipe, *, cache: str | Path | None = None, out: str | Path = "demo_out",
-        top_p: float = 0.6, log: Callable[[str], None] = print) -> tuple[CompositeResult, Path]:
+        top_p: float = DEFAULT_TOP_P, log: Callable[[str], None] = print) -> tuple[CompositeResult, Path]:
     """Prepare the artifacts, evaluate the shuffled composite, print the table, write JSON + PNG."""
     with build.quiet_transformers():
         return _run(recipe, cache, out, top_p, log)
@@ -277,7 +278,7 @@ def time_summary(build_seconds: dict[str, float | None], setup: float, evaluatio
     return f"setup {setup:.0f} s ({', '.join(parts)}) + evaluation {evaluation:.0f} s"
 
 
-def format_table(result: CompositeResult, top_p: float = 0.6) -> str:
+def format_table(result: CompositeResult, top_p: float = DEFAULT_TOP_P) -> str:
     """The composite table as plain text: exact match per task and on average, router accuracy, and
     decode time per token of each method as a ratio to the base model (measured over the whole
     shuffled composite, so it sits on the average row)."""

@@ -26,7 +26,12 @@ import torch
 from .._env import forced_backend, triton_interpret
 from ._extension import extension_error, extension_has_cuda, load_extension
 from .reference import multi_lora_delta, multi_lora_reference
-from .validate import MultiLoRAArgumentError, check_multi_lora_args, check_routing_values
+from .validate import (
+    MultiLoRAArgumentError,
+    check_inference_only,
+    check_multi_lora_args,
+    check_routing_values,
+)
 
 __all__ = [
     "BACKENDS", "MultiLoRAArgumentError", "available_backends", "check_multi_lora_args",
@@ -155,14 +160,48 @@ def multi_lora(
     costs ~100 us a call in dispatch; a decode step of a patched model makes one call per module).
     Under torch.compile: the registered op, captured as one node.
 
+    validate=True (the default) refuses any argument that breaks the contract with a
+    MultiLoRAArgumentError naming it, before anything is written. Where each check lives:
+
+    - ``cpp``: the C++ op checks everything itself (csrc/multi_lora_checks.h: tensor types, ranks,
+      dtypes, devices, contiguity, shapes, y overlapping an input, seg_indptr from >= 0
+      non-decreasing to T, every id in [-1, N)), so the door adds only the check C++ cannot make
+      (no tensor requires grad in grad mode: the op is inference-only) and turns the C++ error
+      into a MultiLoRAArgumentError. A few microseconds a call.
+    - ``reference``, ``triton``, ``cuda``: dlp_lora/ops/validate.py checks the same contract in
+      Python (the Python backends have no C++ checks; the CUDA op checks the layout in C++ but not
+      the values, which would cost it a device sync on every call).
+    - under torch.compile: the layout checks only (values are not known while tracing).
+
     validate=False skips every check and takes ``backend`` as already resolved (the patched Linear
     checks its routing tensors once per forward and resolves the backend once per device and dtype).
     """
     if validate:
-        # Value checks read tensors (a sync); under torch.compile they would break the graph.
-        check_multi_lora_args(y, x, lora_a, lora_b, seg_indptr, lora_ids, lora_weights,
-                              check_values=not torch.compiler.is_compiling())
+        if not isinstance(x, torch.Tensor):
+            raise MultiLoRAArgumentError(f"multi_lora: `x` must be a torch.Tensor, got {type(x).__name__}")
         backend = resolve_backend(x.device, backend, x.dtype)
+        if torch.compiler.is_compiling():
+            # Value checks read tensors (a sync); under torch.compile they would break the graph.
+            check_multi_lora_args(y, x, lora_a, lora_b, seg_indptr, lora_ids, lora_weights,
+                                  check_values=False)
+        elif backend == "cpp":
+            check_inference_only(y, x, lora_a, lora_b)
+            try:
+                get_kernel(backend)(y, x, lora_a, lora_b, seg_indptr, lora_ids, lora_weights)  # the C++ op
+            except (RuntimeError, TypeError) as e:
+                # a TORCH_CHECK of csrc/multi_lora_checks.h ("multi_lora: `lora_ids` ...") or the schema's
+                # type check ("dlp_lora::multi_lora() Expected ... for argument 'y' ..."): both name the
+                # argument. The first line only: torch may append C++ frames or the schema.
+                message = str(e).split("\n", 1)[0]
+                schema = "dlp_lora::multi_lora() "
+                if message.startswith(schema):
+                    message = "multi_lora: " + message[len(schema):]
+                if not message.startswith("multi_lora: "):
+                    raise  # not an argument check: a failure of the kernel itself
+                raise MultiLoRAArgumentError(message) from None
+            return y
+        else:
+            check_multi_lora_args(y, x, lora_a, lora_b, seg_indptr, lora_ids, lora_weights)
     elif backend is None:
         backend = resolve_backend(x.device, None, x.dtype)
     if not torch.compiler.is_compiling():
@@ -173,3 +212,4 @@ def multi_lora(
         torch.ops.dlp_lora.multi_lora_python(
             y, x, lora_a, lora_b, seg_indptr, lora_ids, lora_weights, backend)
     return y
+

@@ -1,10 +1,15 @@
-"""Host-side checks of the multi-LoRA op's arguments, run before any kernel launches.
+"""Host-side checks of the multi-LoRA op's arguments, run before a Python-checked kernel launches.
 
-Every message names the offending argument, so a user sees ``lora_ids`` rather than an
-out-of-bounds read or a segfault deep in a kernel.
+``dlp_lora.ops.multi_lora`` runs them for the ``reference``, ``triton`` and ``cuda`` backends (and the
+layout checks while tracing); the ``cpp`` op checks the same contract in C++
+(csrc/multi_lora_checks.h), so its door only adds :func:`check_inference_only`. Every message names
+the offending argument, so a user sees ``lora_ids`` rather than an out-of-bounds read or a segfault
+deep in a kernel.
 """
 
 from __future__ import annotations
+
+import itertools
 
 import torch
 
@@ -89,13 +94,19 @@ def check_multi_lora_args(
         overlap = overlapping_input(y, {k: v for k, v in named.items() if k != "y"})
         if overlap is not None:
             _fail("y", overlap_message(overlap))
-        if torch.is_grad_enabled():
-            for name in ("y", "x", "lora_a", "lora_b"):
-                if named[name].requires_grad:
-                    _fail(name, "requires grad, but multi_lora is inference-only (it adds to y in place "
-                                "and has no backward): call it under torch.no_grad() or "
-                                "torch.inference_mode(), or pass detached tensors")
+        check_inference_only(y, x, lora_a, lora_b)
         check_routing_values(seg_indptr, lora_ids, num_tokens=T, num_loras=N)
+
+
+def check_inference_only(y: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor,
+                         lora_b: torch.Tensor) -> None:
+    """With grad mode on, none of y / x / lora_a / lora_b may require grad (the op has no backward)."""
+    if torch.is_grad_enabled():
+        for name, t in (("y", y), ("x", x), ("lora_a", lora_a), ("lora_b", lora_b)):
+            if getattr(t, "requires_grad", False):
+                _fail(name, "requires grad, but multi_lora is inference-only (it adds to y in place "
+                            "and has no backward): call it under torch.no_grad() or "
+                            "torch.inference_mode(), or pass detached tensors")
 
 
 def overlapping_input(y: torch.Tensor, inputs: dict[str, torch.Tensor]) -> str | None:
@@ -121,18 +132,28 @@ def overlap_message(name: str) -> str:
 
 def check_routing_values(seg_indptr: torch.Tensor, lora_ids: torch.Tensor, *, num_tokens: int,
                          num_loras: int) -> None:
-    """Value checks: seg_indptr non-decreasing from >= 0 to T, every id in [-1, N)."""
-    bounds = seg_indptr.cpu()
-    if bounds.numel() and int(bounds[0]) < 0:
-        _fail("seg_indptr", f"must start at >= 0, got {int(bounds[0])}")
-    if bounds.numel() > 1 and bool((bounds[1:] < bounds[:-1]).any()):
-        _fail("seg_indptr", f"must be non-decreasing, got {bounds.tolist()[:16]}")
-    if bounds.numel() and int(bounds[-1]) != num_tokens:
-        _fail("seg_indptr", f"must end at T={num_tokens}, ends at {int(bounds[-1])}")
+    """Value checks: seg_indptr non-decreasing from >= 0 to T, every id in [-1, N).
+
+    Routing tensors are small (one entry per segment and slot): read once to the host as Python
+    ints (one copy, a device sync on GPU), a few microseconds where tensor reductions take tens."""
+    bounds = seg_indptr.tolist()
+    if bounds and bounds[0] < 0:
+        _fail("seg_indptr", f"must start at >= 0, got {bounds[0]}")
+    if any(b < a for a, b in itertools.pairwise(bounds)):
+        _fail("seg_indptr", f"must be non-decreasing, got {bounds[:16]}")
+    if bounds and bounds[-1] != num_tokens:
+        _fail("seg_indptr", f"must end at T={num_tokens}, ends at {bounds[-1]}")
     if lora_ids.numel():
-        ids = lora_ids.cpu()
-        lo, hi = int(ids.min()), int(ids.max())
+        if lora_ids.numel() <= _HOST_IDS_MAX:
+            ids = lora_ids.flatten().tolist()
+            lo, hi = min(ids), max(ids)
+        else:
+            lo, hi = (int(v) for v in torch.aminmax(lora_ids))
         if lo < -1:
             _fail("lora_ids", f"contains {lo}; ids must be in [-1, N) with -1 = empty slot")
         if hi >= num_loras:
             _fail("lora_ids", f"contains {hi} but the bank holds N={num_loras} adapters (ids must be < N)")
+
+
+# Above this many ids, one tensor reduction is cheaper than reading them as Python ints.
+_HOST_IDS_MAX = 4096

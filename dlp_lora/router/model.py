@@ -26,6 +26,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from .._atomic import atomic_directory
+from ..options import DEFAULT_TOP_P
 from .inputs import _check_label_names, _check_texts, _encode
 from .top_p import check_max_loras, check_top_p, route_top_p
 from .training import train_router
@@ -192,7 +193,8 @@ class Router(nn.Module):
 
     @torch.no_grad()
     def route(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
-              top_p: float = 0.6, max_loras: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+              top_p: float = DEFAULT_TOP_P,
+              max_loras: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Adapters for each sequence: top-p over the router's softmax (see ``route_top_p``).
 
         Returns lora_ids [B, K] int32 (-1 = empty slot) and weights [B, K] float32 (sum 1 per

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Sequence
 
 import torch
@@ -97,7 +98,8 @@ def train_router(cls: type[nn.Module], texts: Sequence[str], labels: Sequence[st
             max_length: tokens kept per training text (longer ones are truncated).
             seed: seeds initialisation, split and shuffling (global RNG state is left untouched).
             device: where to train (default CPU).
-            verbose: tqdm progress bar and a line with the held-out accuracy.
+            verbose: progress (a tqdm bar on a terminal, else one line per epoch on stderr) and a
+                line with the held-out accuracy.
             **arch: Router architecture arguments (num_buckets, embed_dim, hidden, num_layers, dropout).
         Returns:
             the trained Router in eval mode, with ``val_accuracy`` set (None without a held-out set).
@@ -133,9 +135,13 @@ def train_router(cls: type[nn.Module], texts: Sequence[str], labels: Sequence[st
         optimizer = torch.optim.AdamW(router.parameters(), lr=lr, weight_decay=weight_decay, fused=fused)
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
         router.train(True)
-        with tqdm(total=total_steps, desc="router", unit="step", disable=not verbose) as bar:
-            for _ in range(epochs):
+        # tqdm's convention (disable=None): a bar only on a terminal. Elsewhere (a log file, CI, a
+        # server) a bar's carriage-return updates pile up in one line, so write one line per epoch.
+        with tqdm(total=total_steps, desc="router", unit="step", disable=None if verbose else True) as bar:
+            epoch_lines = verbose and bar.disable
+            for epoch in range(epochs):
                 order = train_idx[torch.randperm(len(train_idx), generator=gen)]
+                losses = []
                 for start in range(0, len(order), batch_size):
                     x, y = data.batch(order[start:start + batch_size], device)
                     if feature_dropout:
@@ -148,8 +154,12 @@ def train_router(cls: type[nn.Module], texts: Sequence[str], labels: Sequence[st
                     loss.backward()
                     optimizer.step()
                     schedule.step()
+                    losses.append(loss.item())
                     bar.update()
-                    bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
+                    bar.set_postfix(loss=f"{losses[-1]:.3f}", refresh=False)
+                if epoch_lines:
+                    print(f"router: epoch {epoch + 1}/{epochs}, {len(losses)} steps, "
+                          f"mean loss {sum(losses) / len(losses):.3f}", file=sys.stderr, flush=True)
         router.eval()
         router.tokenizer = tokenizer
 

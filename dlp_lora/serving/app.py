@@ -45,6 +45,7 @@ from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import JSONResponse, StreamingResponse
 
+from ..options import DEFAULT_REROUTE, DEFAULT_TOP_P, REROUTE_MODES
 from .engine import BatchRunner, GenerationRow, RowResult
 from .loading import ServeConfig, check_artifacts, load_engine, load_front
 from .protocol import (
@@ -399,8 +400,8 @@ def build_app(
     device: str = "cpu",
     max_batch_size: int = 8,
     batch_wait_ms: float = 10,
-    reroute: str = "sentence",
-    top_p: float = 0.6,
+    reroute: str = DEFAULT_REROUTE,
+    top_p: float = DEFAULT_TOP_P,
     max_loras: int | None = None,
     dtype: str = "float32",
     model_name: str | None = None,
@@ -426,8 +427,8 @@ def build_app(
     if isinstance(batch_wait_ms, bool) or not isinstance(batch_wait_ms, (int, float)) \
             or not math.isfinite(batch_wait_ms) or batch_wait_ms < 0:
         raise ValueError(f"batch_wait_ms must be a number >= 0, got {batch_wait_ms!r}")
-    if reroute not in ("sentence", "prompt"):
-        raise ValueError(f"reroute must be 'sentence' or 'prompt', got {reroute!r}")
+    if reroute not in REROUTE_MODES:
+        raise ValueError(f"reroute must be one of {REROUTE_MODES}, got {reroute!r}")
     if not (device == "cpu" or device.startswith("cuda")):
         raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}")
     if api_key is not None and (not isinstance(api_key, str) or not api_key.strip()

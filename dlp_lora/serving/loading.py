@@ -3,8 +3,8 @@
     check_artifacts(model_dir, {"math": dir, ...}, router_dir)   # cheap: files only, before any start
     engine = load_engine(ServeConfig(model_dir, adapters, router_dir))
 
-The same loading as ``dlp-lora generate`` (dlp_lora/cli.py), so a served prompt and a generated one
-meet the same model, tokenizer and routing.
+The loading itself is dlp_lora.artifacts.load_patched_model, which ``dlp-lora generate`` also runs, so a
+served prompt and a generated one meet the same model, tokenizer and routing.
 """
 
 from __future__ import annotations
@@ -13,6 +13,8 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..artifacts import label_mismatch
+from ..options import DEFAULT_REROUTE, DEFAULT_TOP_P
 from .engine import CompletionEngine
 from .protocol import MAX_REQUEST_BYTES
 
@@ -29,8 +31,8 @@ class ServeConfig:
     router: str | None = None
     device: str = "cpu"
     dtype: str = "float32"
-    reroute: str = "sentence"
-    top_p: float = 0.6
+    reroute: str = DEFAULT_REROUTE
+    top_p: float = DEFAULT_TOP_P
     max_loras: int | None = None
     model_name: str | None = None  # the `model` clients send; default: the model directory's name
     threads: int | None = None  # torch threads per replica (CPU)
@@ -60,38 +62,23 @@ def check_artifacts(model: str | Path, adapters: dict, router: str | Path | None
         labels = json.loads(config.read_text())["label_names"]
     except (OSError, ValueError, KeyError, TypeError):
         raise ValueError(f"--router: {router} is not a saved router (no readable {config.name})") from None
-    if sorted(labels) != sorted(adapters):
-        raise ValueError(
-            f"--router: its labels {sorted(labels)} do not match the adapters {sorted(adapters)}; "
-            "train it on tasks named like the adapters"
-        )
+    mismatch = label_mismatch(labels, list(adapters))
+    if mismatch:
+        raise ValueError(f"--router: {mismatch}")
 
 
 def load_engine(config: ServeConfig) -> CompletionEngine:
     """Load and patch the model once (a replica's start-up); raises ValueError / OSError on bad input."""
     import torch
-    from transformers import AutoModelForCausalLM
-    from transformers.utils import logging as hf_logging
 
-    from ..artifacts import check_router_matches, load_tokenizer
-    from ..bank import LoRABank
-    from ..patch import patch_model
-    from ..router import Router
+    from ..artifacts import load_patched_model
 
     if config.threads:
         torch.set_num_threads(config.threads)
-    hf_logging.disable_progress_bar()
     check_artifacts(config.model, config.adapters, config.router)
-    bank = LoRABank.from_peft(dict(config.adapters))
-    tokenizer = load_tokenizer(Path(config.model), "--model")
-    router = Router.load(config.router, device=config.device) if config.router else None
-    if router is not None:
-        check_router_matches(router, bank.names, tokenizer)
-    model = AutoModelForCausalLM.from_pretrained(config.model, dtype=getattr(torch, config.dtype))
-    model = model.to(config.device).eval()
-    reroute = config.reroute if router is not None else "prompt"
-    patch_model(model, bank, router, top_p=config.top_p, max_loras=config.max_loras, reroute=reroute,
-                tokenizer=tokenizer)
+    model, tokenizer = load_patched_model(Path(config.model), config.adapters, config.router,
+                                          device=config.device, dtype=config.dtype, top_p=config.top_p,
+                                          max_loras=config.max_loras, reroute=config.reroute)
     return CompletionEngine(model, tokenizer, max_context=_max_context(model.config, tokenizer))
 
 

@@ -29,6 +29,8 @@ import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
+from ..mixture import Mixture, MixtureError
+
 __all__ = [
     "MAX_PROMPTS_PER_REQUEST",
     "MAX_REQUEST_BYTES",
@@ -61,7 +63,6 @@ MAX_JSON_DEPTH = 16  # the deepest valid request is 6 levels (a chat text part);
 # greedy decoding, as vLLM treats it.
 GREEDY_TEMPERATURE = 1e-5
 INT64 = (-(2**63), 2**63 - 1)  # OpenAI's seed is an int64
-MAX_MIXTURE_WEIGHT = 100  # larger weights overflow the activations (1e38 gave empty text, or NaN)
 CHAT_ROLES = ("system", "user", "assistant")
 
 # OpenAI fields we accept only at their neutral value, or null (anything else would be silently ignored).
@@ -147,8 +148,9 @@ class CompletionRequest:
     prompts: one or more non-empty strings (completions), or [] for a chat request, whose
     ``messages`` ([{"role", "content": str}], text parts joined) the front renders with the chat
     template into its one prompt. max_tokens None (a chat request that gave none): the rest of the
-    context, as vLLM does. mixture: {adapter: weight} for every prompt, or None (the router picks
-    per prompt). temperature 0 means greedy decoding; sampling uses temperature and top_p (no top-k).
+    context, as vLLM does. mixture: a Mixture {adapter: weight} for every prompt, under the rule of
+    dlp_lora/mixture.py (negative weights allowed, zeros dropped), or None (the router picks per
+    prompt). temperature 0 means greedy decoding; sampling uses temperature and top_p (no top-k).
     """
 
     model: str
@@ -161,7 +163,7 @@ class CompletionRequest:
     stop: tuple[str, ...] = ()
     stream: bool = False
     include_usage: bool = False
-    mixture: dict[str, float] | None = None
+    mixture: Mixture | None = None
     routing_top_p: float | None = None
     max_loras: int | None = None
     id: str = field(default_factory=lambda: f"cmpl-{uuid.uuid4().hex}")
@@ -562,19 +564,9 @@ def _stop(stop) -> tuple[str, ...]:
     return tuple(stops)
 
 
-def _mixture(mixture, adapters: Sequence[str]) -> dict[str, float]:
-    if not isinstance(mixture, Mapping):
-        raise APIError("mixture must be an object {adapter: weight}", param="mixture")
-    unknown = [name for name in mixture if name not in adapters]
-    if unknown:
-        raise APIError(
-            f"mixture names unknown adapter(s) {unknown}; the adapters are {list(adapters)}",
-            param="mixture",
-        )
-    for name, weight in mixture.items():
-        if not _is_finite_number(weight) or abs(weight) > MAX_MIXTURE_WEIGHT:
-            raise APIError(f"mixture[{_show(name)}] must be a finite number with |weight| <= "
-                           f"{MAX_MIXTURE_WEIGHT:g}, got {_show(weight)}", param="mixture")
-        if weight < 0:
-            raise APIError(f"mixture[{name!r}] must be >= 0, got {weight!r}", param="mixture")
-    return {name: float(weight) for name, weight in mixture.items()}
+def _mixture(mixture, adapters: Sequence[str]) -> Mixture:
+    """The request's mixture under the one rule of dlp_lora/mixture.py; a 400 naming `mixture` otherwise."""
+    try:
+        return Mixture(mixture, adapters)
+    except MixtureError as e:
+        raise APIError(str(e), param="mixture") from None
