@@ -196,7 +196,7 @@ def cmd_train_router(args) -> int:
 def cmd_generate(args) -> int:
     import torch
 
-    from .artifacts import load_patched_model
+    from .artifacts import load_patched_model, load_tokenizer
     from .patch import use_mixture
 
     model_dir = existing_dir(args.model, "--model")

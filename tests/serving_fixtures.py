@@ -45,6 +45,34 @@ def build(root: Path) -> dict:
     return {"model": model_dir, "adapters": adapters, "router": router.save(root / "router")}
 
 
+SMOLLM2_TOKENIZER = Path(__file__).parent / "fixtures" / "smollm2_tokenizer"  # with its chat template
+# Chat-routing tasks: a router trained on these sentences alone has never seen the chat scaffolding.
+CHAT_TASKS = {
+    "french": [f"Translate {w} to French." for w in ("cat", "dog", "house", "tree", "car", "book")],
+    "math": [f"What is {a} + {b}?" for a, b in ((1, 2), (12, 30), (7, 9), (40, 2), (5, 5), (3, 8))],
+}
+
+
+def build_chat(root: Path) -> dict:
+    """Like build(), on an instruct model's tokenizer (SmolLM2's BPE with its chat template): a tiny Llama
+    over its 49,152 tokens, adapters "french" and "math", and a router trained on CHAT_TASKS."""
+    from transformers import AutoTokenizer
+
+    from dlp_lora.router import Router
+
+    tokenizer = AutoTokenizer.from_pretrained(str(SMOLLM2_TOKENIZER))
+    model = tiny_model("llama", seed=13, vocab_size=len(tokenizer), hidden=16)
+    model_dir = root / "model"
+    model.save_pretrained(str(model_dir))
+    tokenizer.save_pretrained(str(model_dir))
+    adapters = {task: make_adapter(model, root / task, seed=60 + i, lora_alpha=1)
+                for i, task in enumerate(CHAT_TASKS)}
+    texts = [text for task in CHAT_TASKS for text in CHAT_TASKS[task]]
+    labels = [task for task in CHAT_TASKS for _ in CHAT_TASKS[task]]
+    router = Router.fit(texts, labels, tokenizer, epochs=30, val_fraction=0.0, seed=0, verbose=False)
+    return {"model": model_dir, "adapters": adapters, "router": router.save(root / "router")}
+
+
 def config(art: dict, **overrides):
     """The ServeConfig of these artifacts (string paths, as a replica gets them)."""
     from dlp_lora.serving.loading import ServeConfig
@@ -67,15 +95,17 @@ def assert_routing_equal(got: list[dict], expected: list[dict], where: object = 
 
 
 def generate_alone(model, tokenizer, prompt: str, max_tokens: int, mixture: dict | None = None,
-                   routing_top_p: float | None = None, max_loras: int | None = None) -> dict:
+                   routing_top_p: float | None = None, max_loras: int | None = None,
+                   add_special_tokens: bool = True) -> dict:
     """The oracle: greedy generate() of one prompt alone on a patched model, as `dlp-lora generate` runs it.
 
     Returns {"text", "finish_reason", "routing"} in the server's terms (routing: every RoutingRecord of
-    the call as {"position", "adapters", "reason"}).
+    the call as {"position", "adapters", "reason"}). add_special_tokens=False for a chat-templated
+    prompt, which holds its own.
     """
     from dlp_lora import Route, use_mixture
 
-    enc = tokenizer([prompt], return_tensors="pt")
+    enc = tokenizer([prompt], return_tensors="pt", add_special_tokens=add_special_tokens)
     entry = mixture if mixture is not None else Route(routing_top_p, max_loras)
     with torch.no_grad(), use_mixture(model, [entry]) as log:
         out = model.generate(**enc, max_new_tokens=max_tokens, do_sample=False,

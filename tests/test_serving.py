@@ -180,6 +180,15 @@ def test_bad_input_gets_an_openai_error(server, body, status, param, code):
     assert error["message"]
 
 
+def test_chat_without_a_chat_template_is_a_400_naming_messages(server):
+    """This model's word-level tokenizer has no chat template: /v1/chat/completions says so."""
+    status, answer = _post(server, {"model": "model", "messages": [{"role": "user", "content": "al1"}]},
+                           path="/v1/chat/completions")
+    assert status == 400, answer
+    assert (answer["error"]["param"], answer["error"]["type"]) == ("messages", "invalid_request_error")
+    assert "no chat template" in answer["error"]["message"]
+
+
 def test_good_and_bad_requests_sent_together(server, oracle):
     good = [{"model": "model", "prompt": p, "max_tokens": 6, "temperature": 0} for p in sf.PROMPTS[:4]]
     bad = [body for body, *_ in BAD_REQUESTS[1:5]]

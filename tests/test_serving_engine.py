@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
 import math
 import threading
 
@@ -13,7 +14,17 @@ import serving_fixtures as sf
 
 from dlp_lora.serving.engine import BatchRunner, GenerationRow, RowResult
 from dlp_lora.serving.loading import load_engine
-from dlp_lora.serving.protocol import APIError, ServedModels, check_prompt_length, parse_completion_request
+from dlp_lora.serving.protocol import (
+    APIError,
+    ServedModels,
+    check_prompt_length,
+    choice,
+    completion_response,
+    parse_chat_request,
+    parse_completion_request,
+    stream_choice,
+    stream_chunk,
+)
 
 
 @pytest.fixture(scope="module")
@@ -240,6 +251,95 @@ def test_good_requests_parse():
         check_prompt_length(125, request, SERVED, 0)
     assert (info.value.param, info.value.code) == ("prompt", "context_length_exceeded")
     check_prompt_length(112, request, SERVED, 0)
+
+
+CHAT_SERVED = ServedModels("tiny", ("alpha", "beta", "gamma"), max_context=128, chat_template=True)
+USER = [{"role": "user", "content": "hi"}]
+
+
+@pytest.mark.parametrize(
+    ("body", "param", "code"),
+    [
+        ({"model": "tiny"}, "messages", None),
+        ({"model": "tiny", "messages": []}, "messages", None),
+        ({"model": "tiny", "messages": "hi"}, "messages", None),
+        ({"model": "tiny", "messages": ["hi"]}, "messages[0]", None),
+        ({"model": "tiny", "messages": [{"role": "robot", "content": "hi"}]}, "messages[0].role", None),
+        ({"model": "tiny", "messages": [{"content": "hi"}]}, "messages[0].role", None),
+        ({"model": "tiny", "messages": [{"role": "tool", "content": "hi"}]}, "messages[0].role", None),
+        ({"model": "tiny", "messages": [*USER, {"role": "user", "content": None}]}, "messages[1].content",
+         None),
+        ({"model": "tiny", "messages": [{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": "http://x/y.png"}}]}]}, "messages[0].content[0]",
+         None),
+        ({"model": "tiny", "messages": [{"role": "user", "content": [{"type": "text"}]}]},
+         "messages[0].content[0]", None),
+        ({"model": "tiny", "messages": [{"role": "user", "content": "hi", "tool_calls": []}]}, "messages[0]",
+         None),
+        ({"model": "tiny", "messages": USER, "prompt": "hi"}, "prompt", None),
+        ({"model": "tiny", "messages": USER, "max_completion_tokens": 0}, "max_completion_tokens", None),
+        ({"model": "tiny", "messages": USER, "max_completion_tokens": 128}, "max_completion_tokens",
+         "context_length_exceeded"),
+        ({"model": "tiny", "messages": USER, "max_completion_tokens": 8, "max_tokens": 9}, "max_tokens",
+         None),
+        ({"model": "tiny", "messages": USER, "n": 2}, "n", None),
+        ({"model": "tiny", "messages": USER, "logprobs": True}, "logprobs", None),
+        ({"model": "tiny", "messages": USER, "echo": True}, "echo", None),
+        # the checks both endpoints share, reached through the chat request
+        ({"model": "tiny", "messages": USER, "mixture": {"delta": 1}}, "mixture", None),
+        ({"model": "tiny", "messages": USER, "temperature": 3}, "temperature", None),
+        ({"model": "tiny", "messages": USER, "stream_options": {"include_usage": True}}, "stream_options",
+         None),
+    ],
+)
+def test_bad_chat_requests_name_their_field(body, param, code):
+    with pytest.raises(APIError) as info:
+        parse_chat_request(body, CHAT_SERVED)
+    assert (info.value.status, info.value.param, info.value.code) == (400, param, code), info.value.message
+
+
+def test_chat_requests_parse_into_one_templated_prompt():
+    with pytest.raises(APIError) as info:  # a tokenizer without a chat template serves no chat
+        parse_chat_request({"model": "tiny", "messages": USER}, SERVED)
+    assert info.value.param == "messages" and "chat template" in info.value.message
+    parts = [{"type": "text", "text": "Solve 2 + 3."}, {"type": "text", "text": "Then double it."}]
+    request = parse_chat_request(
+        {"model": "beta", "messages": [{"role": "system", "content": "Be brief."},
+                                       {"role": "user", "content": parts, "name": "ann"}],
+         "max_completion_tokens": 7, "max_tokens": 7, "temperature": 0, "logprobs": False, "stream": True,
+         "stream_options": {"include_usage": True}}, CHAT_SERVED)
+    assert request.chat and request.prompts == [] and request.id.startswith("chatcmpl-")
+    assert request.messages == [{"role": "system", "content": "Be brief."},
+                                {"role": "user", "content": "Solve 2 + 3.\nThen double it.", "name": "ann"}]
+    assert (request.max_tokens, request.temperature, request.mixture) == (7, 0.0, {"beta": 1.0})
+    assert request.stream and request.include_usage
+    # no max_tokens: the rest of the context, as vLLM does
+    request = parse_chat_request({"model": "tiny", "messages": USER, "max_tokens": None}, CHAT_SERVED)
+    assert request.max_tokens is None
+    assert check_prompt_length(100, request, CHAT_SERVED, 0) == 28
+    with pytest.raises(APIError) as info:
+        check_prompt_length(128, request, CHAT_SERVED, 0)
+    assert (info.value.param, info.value.code) == ("messages", "context_length_exceeded")
+    assert "no room for a reply" in info.value.message
+
+
+def test_chat_answers_have_openai_shapes():
+    request = parse_chat_request({"model": "tiny", "messages": USER}, CHAT_SERVED)
+    routing = [{"position": 0, "adapters": {"alpha": 1.0}, "reason": "prompt"}]
+    assert choice(request, 0, "Hello.", "stop", routing) == {
+        "index": 0, "message": {"role": "assistant", "content": "Hello."}, "logprobs": None,
+        "finish_reason": "stop", "dlp_routing": routing}
+    body = completion_response(request, [choice(request, 0, "Hello.", "stop", routing)], {}, batch_size=1)
+    assert body["object"] == "chat.completion"
+    chunks = [stream_choice(request, 0, "", first=True), stream_choice(request, 0, "Hel"),
+              stream_choice(request, 0, "", "stop", routing)]
+    assert [c["delta"] for c in chunks] == [{"role": "assistant", "content": ""}, {"content": "Hel"}, {}]
+    assert chunks[2]["finish_reason"] == "stop" and chunks[2]["dlp_routing"] == routing
+    event = stream_chunk(request, chunks[:1])
+    assert event.startswith("data: ") and json.loads(event[6:])["object"] == "chat.completion.chunk"
+    plain = parse_completion_request({"model": "tiny", "prompt": "x"}, SERVED)
+    assert stream_choice(plain, 0, "Hel") == choice(plain, 0, "Hel", None, None) == {
+        "index": 0, "text": "Hel", "logprobs": None, "finish_reason": None}
 
 
 def test_importing_the_package_and_engine_never_imports_ray():

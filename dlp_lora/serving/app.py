@@ -8,8 +8,9 @@ Two deployments:
 
 * ``DLPLoRAServer`` (the HTTP ingress, no model): parses and validates every request (OpenAI's
   shapes, protocol.py), tokenises the prompts and checks them against the context, then hands the
-  rows to a model replica. Routes: POST /v1/completions (server-sent events with "stream": true),
-  GET /v1/models, GET /health.
+  rows to a model replica. Routes: POST /v1/completions and POST /v1/chat/completions (whose
+  messages become one prompt through the tokenizer's chat template; server-sent events with
+  "stream": true), GET /v1/models, GET /health.
 * ``DLPLoRAModel`` (``replicas`` of them): each loads the model, the adapters (LoRABank) and the
   router once and patches the model. By default its rows are scheduled continuously
   (ContinuousScheduler, in a worker thread): at every decode step finished rows leave the batch and
@@ -57,10 +58,13 @@ from .protocol import (
     choice,
     completion_response,
     models_list,
+    parse_chat_request,
     parse_completion_request,
     replica_error,
     row_error,
+    stream_choice,
     stream_chunk,
+    template_error,
     usage,
 )
 from .scheduler import ContinuousScheduler
@@ -144,14 +148,30 @@ class _Tokenizers:
         self._tokenizer, self._local = tokenizer, threading.local()
         self._pool = concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix="dlp-tokenize")
 
-    def _encode(self, prompts: list[str]) -> list[list[int]]:
+    def _thread_tokenizer(self):
         tokenizer = getattr(self._local, "tokenizer", None)
         if tokenizer is None:
             tokenizer = self._local.tokenizer = copy.deepcopy(self._tokenizer)
-        return [list(ids) for ids in tokenizer(prompts)["input_ids"]]
+        return tokenizer
+
+    def _encode(self, prompts: list[str]) -> list[list[int]]:
+        return [list(ids) for ids in self._thread_tokenizer()(prompts)["input_ids"]]
+
+    def _encode_chat(self, messages: list[dict]) -> list[int]:
+        tokenizer = self._thread_tokenizer()
+        try:
+            text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        except Exception as error:  # noqa: BLE001 - a Jinja error the template raised on this conversation
+            raise template_error(error) from None
+        # the template writes its own special tokens (e.g. <|im_start|>): the tokenizer must not add more
+        return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
     async def encode(self, prompts: list[str]) -> list[list[int]]:
         return await asyncio.get_running_loop().run_in_executor(self._pool, self._encode, prompts)
+
+    async def encode_chat(self, messages: list[dict]) -> list[int]:
+        """The conversation in the chat template, ready for the assistant's reply, as token ids."""
+        return await asyncio.get_running_loop().run_in_executor(self._pool, self._encode_chat, messages)
 
 
 async def _awaited(response):
@@ -308,9 +328,17 @@ class DLPLoRAServer:
 
     @api.post("/v1/completions")
     async def completions(self, request: Request):
+        return await self._answer(request, parse_completion_request)
+
+    @api.post("/v1/chat/completions")
+    async def chat_completions(self, request: Request):
+        return await self._answer(request, parse_chat_request)
+
+    async def _answer(self, request: Request, parse):
+        """Check the key, parse the body with ``parse``, tokenise, then answer whole or streamed."""
         try:
             _check_api_key(request, self.api_key)
-            parsed = parse_completion_request(await _read_body(request, self.max_request_bytes), self.served)
+            parsed = parse(await _read_body(request, self.max_request_bytes), self.served)
             rows = await self._rows(parsed)
         except APIError as error:
             return _error_response(error)
@@ -333,20 +361,24 @@ class DLPLoRAServer:
         for result in results:
             if not isinstance(result, RowResult):
                 return _error_response(row_error(result))
-        choices = [choice(i, r.text, r.finish_reason, r.routing) for i, r in enumerate(results)]
+        choices = [choice(parsed, i, r.text, r.finish_reason, r.routing) for i, r in enumerate(results)]
         tokens = usage(sum(r.prompt_tokens for r in results), sum(r.completion_tokens for r in results))
         body = completion_response(parsed, choices, tokens, batch_size=max(r.batch_size for r in results))
         return JSONResponse(body)
 
     async def _rows(self, request: CompletionRequest) -> list[GenerationRow]:
-        """Tokenise every prompt (off the event loop) and check it against the context."""
-        prompt_ids = await self.tokenizers.encode(request.prompts)
+        """Tokenise every prompt, or render and tokenise the conversation (off the event loop), and
+        check it against the context."""
+        if request.chat:
+            prompt_ids = [await self.tokenizers.encode_chat(request.messages)]
+        else:
+            prompt_ids = await self.tokenizers.encode(request.prompts)
         rows = []
         for index, ids in enumerate(prompt_ids):
-            check_prompt_length(len(ids), request, self.served, index)
+            max_tokens = check_prompt_length(len(ids), request, self.served, index)
             rows.append(GenerationRow(
                 prompt_ids=ids,
-                max_tokens=request.max_tokens,
+                max_tokens=max_tokens,
                 stop=request.stop,
                 mixture=request.mixture,
                 routing_top_p=request.routing_top_p,
@@ -360,21 +392,25 @@ class DLPLoRAServer:
     async def _stream(self, request: CompletionRequest, rows: list[GenerationRow]):
         """Server-sent events: text as it is generated, then each choice's finish_reason and routing.
 
-        Every stream ends with ``data: [DONE]``, a failed row's or a lost replica's error event before it.
+        A chat stream first sends each choice's role. Every stream ends with ``data: [DONE]``, a failed
+        row's or a lost replica's error event before it.
         """
         results: dict[int, object] = {}
         sent_text = False
+        if request.chat:
+            roles = [stream_choice(request, i, "", first=True) for i in range(len(rows))]
+            yield stream_chunk(request, roles)
         for attempt in range(ATTEMPTS):
             events = self.model.options(stream=True).stream.remote(rows)
             try:
                 async for kind, index, payload in events:
                     if kind == "text":
                         sent_text = True
-                        yield stream_chunk(request, [choice(index, payload, None, None)])
+                        yield stream_chunk(request, [stream_choice(request, index, payload)])
                         continue
                     results[index] = payload
                     if isinstance(payload, RowResult):
-                        final = choice(index, "", payload.finish_reason, payload.routing)
+                        final = stream_choice(request, index, "", payload.finish_reason, payload.routing)
                         yield stream_chunk(request, [final], dlp_batch_size=payload.batch_size)
                     else:
                         yield f"data: {json.dumps(row_error(payload).body())}\n\n"

@@ -92,7 +92,8 @@ def load_front(config: ServeConfig):
     tokenizer = load_tokenizer(Path(config.model), "--model")
     model_config = AutoConfig.from_pretrained(config.model)
     max_context = _max_context(model_config, tokenizer)
-    return tokenizer, ServedModels(config.served_name, tuple(config.adapters), max_context)
+    chat_template = bool(getattr(tokenizer, "chat_template", None))
+    return tokenizer, ServedModels(config.served_name, tuple(config.adapters), max_context, chat_template)
 
 
 def _max_context(model_config, tokenizer) -> int:

@@ -1,7 +1,10 @@
-"""OpenAI's /v1/completions shapes: request validation, response and stream chunks, error bodies.
+"""OpenAI's /v1/completions and /v1/chat/completions shapes: request validation, responses, stream
+chunks, error bodies.
 
-Field names and meanings follow OpenAI's Completions API (as vLLM's OpenAI server does), so the
-official ``openai`` client works unchanged. Our own request fields ride along (the client sends them
+Field names and meanings follow OpenAI's Completions and Chat Completions APIs (as vLLM's OpenAI
+server does), so the official ``openai`` client works unchanged. A chat request is a completion
+request whose one prompt is its ``messages`` in the tokenizer's chat template (the front renders
+it): both share every field check below. Our own request fields ride along (the client sends them
 through ``extra_body``):
 
     mixture        {adapter: weight}: this prompt uses exactly that mixture (the router is bypassed)
@@ -40,7 +43,10 @@ __all__ = [
     "replica_error",
     "row_error",
     "choice",
+    "parse_chat_request",
     "parse_completion_request",
+    "stream_choice",
+    "template_error",
     "stream_chunk",
     "STREAM_DONE",
 ]
@@ -52,40 +58,24 @@ STREAM_DONE = "data: [DONE]\n\n"
 # list longer than MAX_PROMPTS_PER_REQUEST is refused (its rows would hold the model for everyone).
 MAX_REQUEST_BYTES = 1 << 20
 MAX_PROMPTS_PER_REQUEST = 64
-MAX_JSON_DEPTH = 16  # the deepest valid request is 3 levels (stream_options); refuse far deeper at once
+MAX_JSON_DEPTH = 16  # the deepest valid request is 6 levels (a chat text part); refuse far deeper at once
 # A temperature below this samples from a distribution that overflows (1 / 1e-300 = inf): it is
 # greedy decoding, as vLLM treats it.
 GREEDY_TEMPERATURE = 1e-5
 INT64 = (-(2**63), 2**63 - 1)  # OpenAI's seed is an int64
+CHAT_ROLES = ("system", "user", "assistant")
 
-# OpenAI fields we accept only at their neutral value (anything else would be silently ignored).
-_NEUTRAL = {
-    "n": 1,
-    "best_of": 1,
-    "echo": False,
-    "logprobs": None,
-    "suffix": None,
-    "presence_penalty": 0,
-    "frequency_penalty": 0,
-    "logit_bias": None,
-}
+# OpenAI fields we accept only at their neutral value, or null (anything else would be silently ignored).
+_NEUTRAL = {"n": 1, "presence_penalty": 0, "frequency_penalty": 0, "logit_bias": None}
+_COMPLETION_NEUTRAL = {**_NEUTRAL, "best_of": 1, "echo": False, "logprobs": None, "suffix": None}
+_CHAT_NEUTRAL = {**_NEUTRAL, "logprobs": False, "top_logprobs": None}
 _IGNORED = {"user"}  # accepted and ignored, as their values change no output
-_KNOWN = {
-    "model",
-    "prompt",
-    "max_tokens",
-    "temperature",
-    "top_p",
-    "stop",
-    "seed",
-    "stream",
-    "stream_options",
-    "mixture",
-    "routing_top_p",
-    "max_loras",
-    *_NEUTRAL,
-    *_IGNORED,
-}
+# The fields both endpoints share (checked by _decoding_and_routing), then each one's own.
+_SHARED = {"model", "max_tokens", "temperature", "top_p", "stop", "seed", "stream", "stream_options",
+           "mixture", "routing_top_p", "max_loras", *_IGNORED}
+_COMPLETION_FIELDS = {*_SHARED, "prompt", *_COMPLETION_NEUTRAL}
+_CHAT_FIELDS = {*_SHARED, "messages", "max_completion_tokens", *_CHAT_NEUTRAL}
+_MESSAGE_FIELDS = {"role", "content", "name"}
 
 
 class APIError(Exception):
@@ -117,6 +107,12 @@ def row_error(error: BaseException) -> APIError:
                     type="server_error")
 
 
+def template_error(error: BaseException) -> APIError:
+    """400: the chat template refused the conversation (it may raise, e.g. on roles out of order)."""
+    return APIError(f"messages: the model's chat template refused this conversation "
+                    f"({type(error).__name__}: {_short(str(error))})", param="messages")
+
+
 def replica_error(error: BaseException, attempts: int) -> APIError:
     """503: the model replica of a request died or could not be reached, ``attempts`` times in a row."""
     return APIError(
@@ -139,6 +135,7 @@ class ServedModels:
     base: str
     adapters: tuple[str, ...]
     max_context: int  # prompt tokens + max_tokens may not exceed it
+    chat_template: bool = False  # the tokenizer has one: /v1/chat/completions is served
 
     def names(self) -> list[str]:
         return [self.base, *self.adapters]
@@ -146,16 +143,20 @@ class ServedModels:
 
 @dataclass
 class CompletionRequest:
-    """A validated /v1/completions request. prompts: one or more non-empty strings.
+    """A validated /v1/completions or /v1/chat/completions request.
 
-    mixture: a Mixture {adapter: weight} for every prompt, under the rule of dlp_lora/mixture.py
-    (negative weights allowed, zeros dropped), or None (the router picks per prompt).
-    temperature 0 means greedy decoding; sampling uses temperature and top_p (no top-k).
+    prompts: one or more non-empty strings (completions), or [] for a chat request, whose
+    ``messages`` ([{"role", "content": str}], text parts joined) the front renders with the chat
+    template into its one prompt. max_tokens None (a chat request that gave none): the rest of the
+    context, as vLLM does. mixture: a Mixture {adapter: weight} for every prompt, under the rule of
+    dlp_lora/mixture.py (negative weights allowed, zeros dropped), or None (the router picks per
+    prompt). temperature 0 means greedy decoding; sampling uses temperature and top_p (no top-k).
     """
 
     model: str
     prompts: list[str]
-    max_tokens: int = DEFAULT_MAX_TOKENS
+    messages: list[dict] | None = None
+    max_tokens: int | None = DEFAULT_MAX_TOKENS
     temperature: float = 1.0
     top_p: float = 1.0
     seed: int | None = None
@@ -168,12 +169,43 @@ class CompletionRequest:
     id: str = field(default_factory=lambda: f"cmpl-{uuid.uuid4().hex}")
     created: int = field(default_factory=lambda: int(time.time()))
 
+    @property
+    def chat(self) -> bool:
+        return self.messages is not None
+
 
 def parse_completion_request(body: bytes | str | Mapping, served: ServedModels) -> CompletionRequest:
-    """Validate a request body (raw JSON or an already parsed object); raises APIError naming the field.
+    """Validate a /v1/completions body (raw JSON or an already parsed object); raises APIError naming
+    the field. Token counts (the prompt against the context) are checked later, once it is tokenised."""
+    body = _request_object(body, _COMPLETION_FIELDS, _COMPLETION_NEUTRAL)
+    request = CompletionRequest(model=_model(body, served), prompts=_prompts(body.get("prompt")))
+    request.max_tokens = _max_tokens(body, "max_tokens", DEFAULT_MAX_TOKENS, served)
+    _decoding_and_routing(body, served, request)
+    return request
 
-    Token counts (the prompt against the context) are checked later, once the prompt is tokenised.
-    """
+
+def parse_chat_request(body: bytes | str | Mapping, served: ServedModels) -> CompletionRequest:
+    """Validate a /v1/chat/completions body, as parse_completion_request does; the prompt is rendered
+    and its length checked later, on the front. max_completion_tokens, or the older max_tokens."""
+    body = _request_object(body, _CHAT_FIELDS, _CHAT_NEUTRAL)
+    model = _model(body, served)
+    if not served.chat_template:
+        raise APIError("messages: this model's tokenizer has no chat template, so it has no chat "
+                       "completions; send a prompt to /v1/completions", param="messages")
+    request = CompletionRequest(model=model, prompts=[], messages=_messages(body.get("messages")),
+                                id=f"chatcmpl-{uuid.uuid4().hex}")
+    newer = _max_tokens(body, "max_completion_tokens", None, served)
+    older = _max_tokens(body, "max_tokens", None, served)
+    if newer is not None and older is not None and newer != older:
+        raise APIError(f"max_completion_tokens={newer} and max_tokens={older} differ; give one "
+                       "(max_tokens is OpenAI's older name)", param="max_tokens")
+    request.max_tokens = older if newer is None else newer
+    _decoding_and_routing(body, served, request)
+    return request
+
+
+def _request_object(body, known: set[str], neutral: Mapping) -> Mapping:
+    """The parsed body: a JSON object of known fields, hostile input refused, neutral-only fields checked."""
     if isinstance(body, (bytes, str)):
         try:
             body = json.loads(body)
@@ -186,15 +218,19 @@ def parse_completion_request(body: bytes | str | Mapping, served: ServedModels) 
         _check_json(body)
     if not isinstance(body, Mapping):
         raise APIError(f"the request body must be a JSON object, got {type(body).__name__}")
-    unknown = sorted(set(body) - _KNOWN)
+    unknown = sorted(set(body) - known)
     if unknown:
         raise APIError(f"unrecognized request argument(s): {_short(', '.join(unknown))}",
                        param=_short(unknown[0], 60))
-    for name, neutral in _NEUTRAL.items():
-        value = body.get(name, neutral)
-        if value != neutral and not (name == "logit_bias" and value == {}):
-            raise APIError(f"{name}={value!r} is not supported by this server (only {neutral!r})", param=name)
+    for name, value_ok in neutral.items():
+        value = body.get(name)
+        if value is not None and value != value_ok and not (name == "logit_bias" and value == {}):
+            raise APIError(f"{name}={_show(value)} is not supported by this server (only {value_ok!r})",
+                           param=name)
+    return body
 
+
+def _model(body: Mapping, served: ServedModels) -> str:
     model = body.get("model")
     if not isinstance(model, str) or not model:
         raise APIError("you must provide a model (see GET /v1/models)", param="model")
@@ -205,15 +241,23 @@ def parse_completion_request(body: bytes | str | Mapping, served: ServedModels) 
             param="model",
             code="model_not_found",
         )
-    request = CompletionRequest(model=model, prompts=_prompts(body.get("prompt")))
-    request.max_tokens = _integer(body, "max_tokens", DEFAULT_MAX_TOKENS, low=1)
-    if request.max_tokens >= served.max_context:
+    return model
+
+
+def _max_tokens(body: Mapping, name: str, default, served: ServedModels) -> int | None:
+    value = _integer(body, name, default, low=1)
+    if value is not None and value >= served.max_context:
         raise APIError(
-            f"max_tokens={request.max_tokens} leaves no room for a prompt in this model's context of "
+            f"{name}={value} leaves no room for a prompt in this model's context of "
             f"{served.max_context} tokens",
-            param="max_tokens",
+            param=name,
             code="context_length_exceeded",
         )
+    return value
+
+
+def _decoding_and_routing(body: Mapping, served: ServedModels, request: CompletionRequest) -> None:
+    """The fields both endpoints share, but max_tokens: sampling, stop, streaming, our routing fields."""
     request.temperature = _number(body, "temperature", 1.0, low=0.0, high=2.0)
     if request.temperature < GREEDY_TEMPERATURE:
         request.temperature = 0.0
@@ -236,7 +280,7 @@ def parse_completion_request(body: bytes | str | Mapping, served: ServedModels) 
             f"max_loras={request.max_loras} exceeds the {len(served.adapters)} adapters served",
             param="max_loras",
         )
-    mixture = body.get("mixture")
+    model, mixture = request.model, body.get("mixture")
     if model != served.base:
         if mixture is not None:
             raise APIError(
@@ -249,30 +293,57 @@ def parse_completion_request(body: bytes | str | Mapping, served: ServedModels) 
         for name in ("routing_top_p", "max_loras"):
             if body.get(name) is not None:
                 raise APIError(f"{name} applies to the router, which a fixed mixture bypasses", param=name)
-    return request
 
 
-def check_prompt_length(prompt_tokens: int, request: CompletionRequest, served: ServedModels, index: int):
-    """Raise APIError unless prompt_tokens + max_tokens fits the model's context."""
-    param = "prompt" if len(request.prompts) == 1 else f"prompt[{index}]"
-    if prompt_tokens + request.max_tokens > served.max_context:
+def check_prompt_length(prompt_tokens: int, request: CompletionRequest, served: ServedModels,
+                        index: int) -> int:
+    """The row's max_tokens (a chat request without one: the rest of the context); raise APIError
+    unless prompt_tokens + max_tokens fits the model's context."""
+    single = len(request.prompts) <= 1
+    param = "messages" if request.chat else "prompt" if single else f"prompt[{index}]"
+    what = "the conversation in the chat template" if request.chat else "the prompt" if single \
+        else f"the prompt [{index}]"
+    max_tokens = served.max_context - prompt_tokens if request.max_tokens is None else request.max_tokens
+    if prompt_tokens + max(max_tokens, 1) > served.max_context:
+        asked = ("which leaves no room for a reply" if request.max_tokens is None else
+                 f"and max_tokens is {max_tokens} ({prompt_tokens + max_tokens} in all)")
         raise APIError(
-            f"this model's maximum context length is {served.max_context} tokens; the prompt"
-            f"{'' if len(request.prompts) == 1 else f' [{index}]'} has {prompt_tokens} tokens and "
-            f"max_tokens is {request.max_tokens} ({prompt_tokens + request.max_tokens} in all)",
+            f"this model's maximum context length is {served.max_context} tokens; {what} has "
+            f"{prompt_tokens} tokens {asked}",
             param=param,
             code="context_length_exceeded",
         )
     if prompt_tokens == 0:
         raise APIError(f"{param} has no tokens under this model's tokenizer", param=param)
+    return max_tokens
 
 
 # --- responses ---------------------------------------------------------------------------------------
 
 
-def choice(index: int, text: str, finish_reason: str | None, routing: list[dict] | None) -> dict:
-    """One element of ``choices``; routing: the dlp_routing spans (None: not yet known, e.g. a stream)."""
-    out = {"index": index, "text": text, "logprobs": None, "finish_reason": finish_reason}
+def choice(request: CompletionRequest, index: int, text: str, finish_reason: str | None,
+           routing: list[dict] | None) -> dict:
+    """One element of a full answer's ``choices``: ``text``, or a chat request's assistant ``message``.
+
+    routing: the dlp_routing spans (None: not yet known, e.g. a stream)."""
+    if request.chat:
+        out = {"index": index, "message": {"role": "assistant", "content": text}}
+    else:
+        out = {"index": index, "text": text}
+    out |= {"logprobs": None, "finish_reason": finish_reason}
+    if routing is not None:
+        out["dlp_routing"] = routing
+    return out
+
+
+def stream_choice(request: CompletionRequest, index: int, text: str, finish_reason: str | None = None,
+                  routing: list[dict] | None = None, *, first: bool = False) -> dict:
+    """One element of a stream chunk's ``choices``. A chat stream carries a ``delta``: the role in the
+    choice's first chunk (``first``), then pieces of content, then {} with the finish_reason."""
+    if not request.chat:
+        return choice(request, index, text, finish_reason, routing)
+    delta = {"role": "assistant", "content": text} if first else {"content": text} if text else {}
+    out = {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
     if routing is not None:
         out["dlp_routing"] = routing
     return out
@@ -292,7 +363,7 @@ def completion_response(
     """The body of a non-streamed answer. batch_size: the most rows any of its generate() calls held."""
     return {
         "id": request.id,
-        "object": "text_completion",
+        "object": "chat.completion" if request.chat else "text_completion",
         "created": request.created,
         "model": request.model,
         "choices": list(choices),
@@ -305,7 +376,7 @@ def stream_chunk(request: CompletionRequest, choices: Sequence[dict], **extra) -
     """One server-sent event of a streamed answer (same object as the full answer, partial text)."""
     body = {
         "id": request.id,
-        "object": "text_completion",
+        "object": "chat.completion.chunk" if request.chat else "text_completion",
         "created": request.created,
         "model": request.model,
         "choices": list(choices),
@@ -345,6 +416,55 @@ def _prompts(prompt) -> list[str]:
         if not text.strip():
             raise APIError(f"{param} is empty", param=param)
     return list(prompts)
+
+
+def _messages(messages) -> list[dict]:
+    """The conversation as [{"role", "content": str}] (a list of text parts joined by newlines, as vLLM
+    does; a message's ``name`` kept); every other kind of part (images, audio) is refused."""
+    if messages is None:
+        raise APIError("you must provide messages", param="messages")
+    if not isinstance(messages, list) or not messages:
+        raise APIError("messages must be a non-empty list of {\"role\", \"content\"} objects",
+                       param="messages")
+    out = []
+    for i, message in enumerate(messages):
+        where = f"messages[{i}]"
+        if not isinstance(message, Mapping):
+            raise APIError(f"{where} must be an object {{\"role\", \"content\"}}, got "
+                           f"{type(message).__name__}", param=where)
+        unknown = sorted(set(message) - _MESSAGE_FIELDS)
+        if unknown:
+            raise APIError(f"{where} has unsupported field(s) {_short(', '.join(unknown))} (only role, "
+                           "content and name; no tool calls)", param=where)
+        role = message.get("role")
+        if role not in CHAT_ROLES:
+            raise APIError(f"{where}.role must be one of {list(CHAT_ROLES)}, got {_show(role)}",
+                           param=f"{where}.role")
+        entry = {"role": role, "content": _content(message.get("content"), f"{where}.content")}
+        name = message.get("name")
+        if name is not None:
+            if not isinstance(name, str):
+                raise APIError(f"{where}.name must be a string, got {_show(name)}", param=f"{where}.name")
+            entry["name"] = name
+        out.append(entry)
+    return out
+
+
+def _content(content, where: str) -> str:
+    if isinstance(content, str):
+        return content
+    if not isinstance(content, list):
+        raise APIError(f"{where} must be a string or a list of text parts, got {_show(content)}",
+                       param=where)
+    texts = []
+    for j, part in enumerate(content):
+        is_text = isinstance(part, Mapping) and part.get("type") == "text"
+        if not is_text or not isinstance(part.get("text"), str):
+            kind = part.get("type") if isinstance(part, Mapping) else type(part).__name__
+            raise APIError(f"{where}[{j}] must be a text part {{\"type\": \"text\", \"text\": str}}; this "
+                           f"server reads text only, got {_show(kind)}", param=f"{where}[{j}]")
+        texts.append(part["text"])
+    return "\n".join(texts)
 
 
 def _number(body: Mapping, name: str, default, *, low: float, high: float, low_open: bool = False):
