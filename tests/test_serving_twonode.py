@@ -8,9 +8,11 @@ stop every Ray on the machine), only the test's own, by PID.
 
 Two model replicas of one CPU each fill the two nodes, one each; the front and the proxy are on
 the head. Part way through 24 greedy completions from 4 client threads the second node is killed
-(its whole process group, SIGKILL). Every answer is either exactly the text generate() gives for
-the prompt alone, or an error status (a request running on the lost replica may get a 5xx); every
-request sent after the kill, and every one that finished before it, gets its text.
+(SIGKILL to `ray start`, every process below it, e.g. the model replica, and its process group).
+Every answer is either exactly the text generate() gives for the prompt alone, or an error status (a
+request running on the lost replica may get a 5xx; the front sends it again to the other replica,
+so it usually succeeds); every request sent after the kill, and every one that finished before
+it, gets its text. Afterwards no process the test started is alive. ~40 s on 2 cores.
 """
 
 from __future__ import annotations
@@ -257,8 +259,12 @@ def test_losing_a_node_under_load_loses_no_request_silently(tmp_path):
                 if i is None:
                     return
                 sent = time.monotonic()
-                status, body = sf.http_request(url, {"model": "model", "prompt": prompts[i],
-                                                     "max_tokens": MAX_TOKENS, "temperature": 0}, timeout=90)
+                try:
+                    body = {"model": "model", "prompt": prompts[i], "max_tokens": MAX_TOKENS,
+                            "temperature": 0}
+                    status, body = sf.http_request(url, body, timeout=90)
+                except Exception as error:  # noqa: BLE001 - no status at all: a lost request, checked below
+                    status, body = None, repr(error)
                 with lock:
                     results[i] = {"sent": sent, "done": time.monotonic(), "status": status, "body": body}
                     if sum(bool(r) for r in results) >= KILL_AFTER:
@@ -285,7 +291,7 @@ def test_losing_a_node_under_load_loses_no_request_silently(tmp_path):
             if r["status"] == 200:
                 assert r["body"]["choices"][0]["text"] == expected[prompts[i]], (i, r)
             else:
-                assert r["status"] >= 500 and "error" in r["body"], (i, r)
+                assert isinstance(r["status"], int) and r["status"] >= 500 and "error" in r["body"], (i, r)
         assert all(r["status"] == 200 for r in before + after), results
         assert len(ok) >= len(before) + len(after) and after, (len(ok), len(before), len(after))
         status, health = sf.http_request(f"http://127.0.0.1:{http_port}/health", timeout=10)
