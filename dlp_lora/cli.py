@@ -21,7 +21,7 @@ import sys
 from pathlib import Path
 
 from .artifacts import check_router_matches, load_tokenizer
-from .options import DEFAULT_REROUTE, DEFAULT_TOP_P, REROUTE_MODES
+from .options import BATCHING_MODES, DEFAULT_BATCHING, DEFAULT_REROUTE, DEFAULT_TOP_P, REROUTE_MODES
 
 EXIT_BAD_INPUT = 2
 DEBUG_HELP = "show the full traceback on errors"
@@ -417,7 +417,8 @@ def cmd_serve(args) -> int:
     app = build_app(model=model_dir, adapters=adapters, router=router_dir, replicas=args.replicas,
                     device=args.device, max_batch_size=args.max_batch_size, batch_wait_ms=args.batch_wait_ms,
                     reroute=args.reroute, top_p=args.top_p, max_loras=args.max_loras,
-                    model_name=args.served_model_name, api_key=api_key)  # ValueError: one line
+                    model_name=args.served_model_name, api_key=api_key,
+                    batching=args.batching)  # ValueError: one line
 
     import os
     import signal
@@ -527,16 +528,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_inspect)
 
     p = sub.add_parser("serve", help="an OpenAI-compatible server (Ray Serve) batching concurrent requests",
-                       description="POST /v1/completions, GET /v1/models, GET /health; concurrent requests "
-                                   "share one generate(), each with its own routed or given mixture.")
+                       description="POST /v1/completions, POST /v1/chat/completions, GET /v1/models, "
+                                   "GET /health; concurrent requests are batched at every decode step, "
+                                   "each with its own routed or given mixture.")
     p.add_argument("--model", required=True, metavar="MODEL_DIR", help="base model dir (with tokenizer)")
     p.add_argument("--adapters", required=True, nargs="+", metavar="NAME=DIR", help="PEFT LoRA adapter dirs")
     p.add_argument("--router", metavar="DIR", help="a router saved by train-router (else requests give a "
                                                     "mixture or name an adapter as their model)")
     p.add_argument("--replicas", type=int, default=1, help="model replicas (default 1)")
-    p.add_argument("--max-batch-size", type=int, default=8, help="most requests per generate() (default 8)")
+    p.add_argument("--max-batch-size", type=int, default=8, help="most rows in a replica's batch (default 8)")
+    p.add_argument("--batching", choices=BATCHING_MODES, default=DEFAULT_BATCHING,
+                   help="continuous (default): rows join and leave the batch at every decode step; "
+                        "static: requests that arrive together share one generate() to its longest row")
     p.add_argument("--batch-wait-ms", type=float, default=10.0,
-                   help="how long a batch waits to fill (default 10)")
+                   help="static batching: how long a batch waits to fill (default 10)")
     p.add_argument("--host", default="127.0.0.1", help="HTTP address (default 127.0.0.1; 0.0.0.0 for all)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--reroute", choices=REROUTE_MODES, default=DEFAULT_REROUTE, help=REROUTE_HELP)

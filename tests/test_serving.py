@@ -201,6 +201,25 @@ def test_good_and_bad_requests_sent_together(server, oracle):
     assert len(_model_replicas()) == 2
 
 
+def _listed_replicas(server, want: set[str]) -> set[str]:
+    """The replica ids /health lists, once they equal ``want`` (or after 20 s: what it lists then)."""
+    deadline = time.monotonic() + 20
+    while True:
+        listed = {r["replica"] for r in _get(server, "/health")["model_replicas"] or []}
+        if listed == want or time.monotonic() > deadline:
+            return listed
+        time.sleep(0.25)
+
+
+def test_health_lists_each_model_replica(server):
+    actors = _model_replicas()
+    ids = {name.rsplit("#", 1)[1] for name in actors}
+    assert len(ids) == 2 and _listed_replicas(server, ids) == ids
+    for replica in _get(server, "/health")["model_replicas"]:
+        assert {"running", "waiting", "generated_tokens", "cancelled_rows"} <= set(replica), replica
+        assert replica["running"] >= 0 and replica["waiting"] >= 0 and replica["reported_s_ago"] < 5
+
+
 def _model_replicas() -> set[str]:
     return {a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
             if a["namespace"] == "serve" and "#DLPLoRAModel#" in a["name"]}
@@ -259,5 +278,7 @@ def test_a_killed_replica_is_replaced_and_requests_fail_clearly(server):
                 break
         time.sleep(0.5)
     assert len(names) == 2 and victim not in names, names
+    ids = {name.rsplit("#", 1)[1] for name in names}
+    assert _listed_replicas(server, ids) == ids  # the dead replica left /health, its replacement joined
     status, answer = _post(server, {"model": "model", "prompt": "al1", "max_tokens": 2, "temperature": 0})
     assert status == 200, answer

@@ -83,6 +83,22 @@ def test_a_non_loopback_host_without_a_key_is_warned_about(art, capsys, monkeypa
     assert (len(err) == 2 and "warning" in err[0] and "DLP_LORA_API_KEY" in err[0]) == warned, err
 
 
+@pytest.mark.parametrize(("extra", "batching"), [([], "continuous"), (["--batching", "static"], "static")])
+def test_batching_reaches_the_app(art, capsys, monkeypatch, extra, batching):
+    from dlp_lora.serving import app
+
+    _forbid_ray_start(monkeypatch)
+    seen = {}
+
+    def build_app(**kwargs):
+        seen.update(kwargs)
+        raise ValueError("stopped here")  # the CLI reports a ValueError from build_app in one line
+
+    monkeypatch.setattr(app, "build_app", build_app)
+    assert main(_args(art, *extra)) == 2
+    assert seen["batching"] == batching and "stopped here" in capsys.readouterr().err
+
+
 KEY = "sk-cli-test"
 
 

@@ -46,7 +46,7 @@ from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import JSONResponse, StreamingResponse
 
-from ..options import DEFAULT_REROUTE, DEFAULT_TOP_P, REROUTE_MODES
+from ..options import BATCHING_MODES, DEFAULT_BATCHING, DEFAULT_REROUTE, DEFAULT_TOP_P, REROUTE_MODES
 from .engine import BatchRunner, GenerationRow, RowResult
 from .loading import ServeConfig, check_artifacts, load_engine, load_front
 from .protocol import (
@@ -67,6 +67,7 @@ from .protocol import (
     template_error,
     usage,
 )
+from .replica_counts import CountsReporter, open_board
 from .scheduler import ContinuousScheduler
 
 __all__ = ["APP_NAME", "DLPLoRAModel", "DLPLoRAServer", "build_app"]
@@ -77,7 +78,7 @@ MIN_ONGOING_REQUESTS = 64
 # @serve.batch batches that may wait at once for the BatchRunner (their rows merge there).
 BATCHES_IN_FLIGHT = 8
 FRONT_ONGOING_REQUESTS = 1024
-BATCHING_MODES = ("continuous", "static")  # see DLPLoRAModel
+REPLICA_COUNTS = ("running", "waiting", "generated_tokens", "cancelled_rows")  # per replica in /health
 ATTEMPTS = 3  # tries of a request whose model replica died under it
 # A replica that died, or cannot be reached: the request may run again elsewhere.
 REPLICA_LOST = (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError)
@@ -202,11 +203,18 @@ class DLPLoRAModel:
         self.engine = load_engine(config)
         self.runner = BatchRunner(self.engine, max_batch_size=8)
         self.scheduler: ContinuousScheduler | None = None
-        self.batching = "continuous"
+        self.batching = DEFAULT_BATCHING
+        context = serve.get_replica_context()
+        self.reporter = CountsReporter(context.app_name, context.replica_id.unique_id, self.counts)
+
+    def counts(self) -> dict:
+        """What /health lists for each replica (read from the reporter's thread)."""
+        health = self.health()
+        return {key: health[key] for key in REPLICA_COUNTS}
 
     def reconfigure(self, user_config: dict) -> None:
         size = int(user_config["max_batch_size"])
-        self.batching = user_config.get("batching", "continuous")
+        self.batching = user_config.get("batching", DEFAULT_BATCHING)
         self.runner.max_batch_size = size
         self._generate.set_max_batch_size(size)
         self._generate.set_batch_wait_timeout_s(float(user_config["batch_wait_ms"]) / 1000.0)
@@ -298,6 +306,8 @@ class DLPLoRAServer:
 
     def __init__(self, config: ServeConfig, model: DeploymentHandle):
         tokenizer, self.served = load_front(config)
+        self.app_name = serve.get_replica_context().app_name
+        self.board = open_board(self.app_name)
         self.tokenizers = _Tokenizers(tokenizer)
         self.api_key, self.max_request_bytes = config.api_key, config.max_request_bytes
         self.model = model
@@ -316,7 +326,17 @@ class DLPLoRAServer:
             cause = f"no answer within {HEALTH_TIMEOUT_S:g} s" if timed_out else type(error).__name__
             return _error_response(APIError(f"no model replica can serve now ({cause})", status=503,
                                             type="server_error", code="replica_unavailable"))
-        return {"status": "ok", "model_replica": counts, "front_retries": self.retries}
+        return {"status": "ok", "model_replica": counts, "model_replicas": await self._replica_counts(),
+                "front_retries": self.retries}
+
+    async def _replica_counts(self) -> list[dict] | None:
+        """Each model replica's counts from the board (None when the board does not answer in time:
+        /health stays quick); a board that died with a replaced front is made again."""
+        try:
+            return await asyncio.wait_for(_awaited(self.board.snapshot.remote()), HEALTH_TIMEOUT_S)
+        except Exception:  # noqa: BLE001 - reported as "unknown"; the next call asks a new board
+            self.board = open_board(self.app_name)
+            return None
 
     @api.get("/v1/models")
     async def models(self, request: Request):
@@ -449,7 +469,7 @@ def build_app(
     max_ongoing_requests: int | None = None,
     api_key: str | None = None,
     max_request_bytes: int = MAX_REQUEST_BYTES,
-    batching: str = "continuous",
+    batching: str = DEFAULT_BATCHING,
 ) -> serve.Application:
     """The Ray Serve application (``serve.run`` it, or compose it); checks every argument first.
 

@@ -101,7 +101,8 @@ class CompletionEngine:
         self.eos_ids = frozenset([] if eos is None else [eos] if isinstance(eos, int) else eos)
         # One generate() at a time: a seeded call reseeds torch's global RNG, and the device is the
         # bottleneck anyway (routing itself is per call, so the lock is not needed for it).
-        self._model_lock = threading.Lock()
+        # (The continuous scheduler's worker takes it for each step, for the same reason.)
+        self.model_lock = threading.Lock()
         # A fast tokenizer is not safe to call from two threads at once ("Already borrowed").
         self._tokenizer_lock = threading.Lock()
         self.calls = 0  # generate() calls so far
@@ -198,7 +199,7 @@ class CompletionEngine:
         # Each row its own routing: a fixed mixture, or the router on the row's own prompt.
         entries = [row.mixture if row.mixture is not None else Route(row.routing_top_p, row.max_loras)
                    for row in rows]
-        with self._model_lock:
+        with self.model_lock:
             with use_mixture(self.model, entries) as log, _seeded(
                 first.seed if first.temperature > 0 else None, device
             ):

@@ -175,7 +175,7 @@ class ContinuousScheduler:
                     request.fail(RuntimeError("the model replica is shutting down"))
                 return
             try:
-                with self.engine._model_lock, torch.no_grad():
+                with self.engine.model_lock, torch.no_grad():
                     self.step()
             except Exception as error:  # noqa: BLE001 - a bug in a step: fail what is in flight, keep serving
                 with self._cond:
