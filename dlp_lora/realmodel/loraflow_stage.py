@@ -77,7 +77,8 @@ def run_loraflow(model, tokenizer, adapter_dirs: dict[str, Path], recipe, root: 
         done = train_gates(flow, train, epochs=recipe.loraflow_epochs, lr=recipe.loraflow_lr,
                            batch_size=recipe.loraflow_batch, weight_decay=recipe.loraflow_weight_decay,
                            pad_id=tokenizer.pad_token_id, seed=seed, warmup_ratio=recipe.loraflow_warmup,
-                           clip=recipe.loraflow_clip, dev=dev)
+                           clip=recipe.loraflow_clip, dev=dev,
+                           log=lambda line: log(f"loraflow {name} seed {seed}: {line}"))
         save_gates(flow, out_dir / f"{name}-seed{seed}-gates")
         ok = exact(generate_answers(flow, tokenizer, messages, recipe), targets)
         score = sum(ok) / len(ok)

@@ -8,8 +8,9 @@ so an interrupted run resumes at the first stage without a result, and a finishe
                (the fusion ceiling); training stops early once fresh samples are answered exactly
     router     Router.fit on the tasks' user messages, tokenized by the model's own tokenizer
     composite  a shuffled mix of every task: base / oracle LoRA / DLP-LoRA exact match, router accuracy
-    fusion     prompts that need two adapters (a sum written in words): K distribution; DLP-LoRA vs
-               each single adapter, a fixed 50/50 mixture and the LoRA trained on the composite
+    fusion     prompts that need two adapters (fields as JSON, the date as YYYY-MM-DD): K distribution;
+               DLP-LoRA vs each single adapter, fixed 50/50 and 1+1 mixtures and the LoRA trained on
+               the composite
     speed      batch 1, greedy, 64 new tokens, eager, 1 thread, interleaved rounds: base, PEFT one
                adapter, DLP-LoRA K<=3 over the task adapters and over 26- and 100-adapter banks, and
                a q,v-only mixture with and without skipping the modules it does not target
@@ -70,7 +71,7 @@ class Recipe:
     speed_new_tokens: int = 64
     speed_rounds: int = 5
     speed_banks: tuple[int, ...] = (26, 100)
-    threads: int = 1
+    threads: int = 2                 # training and evaluation; the speed stage times on one thread
     # LoRA-Flow at its authors' recipe: gates over the candidate LoRAs, 5 epochs, cosine schedule with
     # 20% warm-up, weight decay 0.1, gradient clipping 1.0, the epoch with the lowest dev loss kept
     loraflow_examples_per_task: int = 30   # composite: gates over the six task adapters
@@ -250,7 +251,7 @@ def evaluate_fusion(model, tokenizer, router, recipe: Recipe) -> dict:
     result = {"prompts": len(messages), "k_distribution": {str(k): n for k, n in sorted(k_counts.items())},
               "routed_sets": {"+".join(s): n for s, n in routed.most_common()}, "methods": {}}
     methods = {"base": [{}], f"only_{a}": [{a: 1.0}], f"only_{b}": [{b: 1.0}],
-               "fixed_50_50": [{a: 0.5, b: 0.5}], "dlp_lora": None,
+               "fixed_50_50": [{a: 0.5, b: 0.5}], "fixed_sum": [{a: 1.0, b: 1.0}], "dlp_lora": None,
                "composite_lora_ceiling": [{tasks.FUSION_TASK: 1.0}]}
     for method, mixture in methods.items():
         rows = None if mixture is None else mixture * len(messages)
@@ -288,11 +289,27 @@ def run(recipe: Recipe, cache_root: Path, out: Path, stages: tuple[str, ...] = S
               "complete": False, "recipe": dataclasses.asdict(recipe), "cache": str(root),
               "machine": machine_info("cpu"), "versions": versions(), "started": timestamp(),
               "load_average_start": load_average(), "stages": {}}
+    start = time.perf_counter()
     stage_file = root / "stages.json"
     if stage_file.is_file():
         result["stages"] = {k: v for k, v in json.loads(stage_file.read_text()).items() if k not in redo}
 
+    # seconds each stage took when it was computed (a cached stage keeps the figure of the run that
+    # computed it), so that the file states what a run from scratch costs
+    seconds_file = root / "seconds.json"
+    seconds = json.loads(seconds_file.read_text()) if seconds_file.is_file() else {}
+    clock = [time.perf_counter()]
+
     def done(stage: str, value) -> None:
+        now = time.perf_counter()
+        if stage == "adapters":
+            seconds[stage] = round(sum(note["seconds"] for note in value.values()), 1)
+        elif stage not in result["stages"]:
+            seconds[stage] = round(now - clock[0], 1)
+        clock[0] = now
+        atomic_write_text(seconds_file, json.dumps(seconds, indent=1) + "\n")
+        result["stage_seconds"] = dict(seconds)
+        result["run_seconds"] = round(now - start, 1)
         result["stages"][stage] = value
         atomic_write_text(stage_file, json.dumps(result["stages"], indent=1) + "\n")
         result["complete"] = all(s in result["stages"] for s in STAGES)
@@ -300,7 +317,6 @@ def run(recipe: Recipe, cache_root: Path, out: Path, stages: tuple[str, ...] = S
         out.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_text(out, json.dumps(result, indent=1) + "\n")
 
-    start = time.perf_counter()
     model_dir = prepare.prepare(cache_root)
     tokenizer = load_tokenizer(model_dir, "--model")
     if "model" not in result["stages"]:

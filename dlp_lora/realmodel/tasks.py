@@ -2,8 +2,9 @@
 
 Each task draws (user message, answer) pairs from a seeded generator: the answer is short and in one
 exact format that the base instruct model does not use unprompted (it answers in sentences), and a
-rank-8 LoRA learns. The composite-skill task (``arith_words``) needs two skills at once: compute a
-sum (``arith``) and write the result in English words (``words``).
+rank-8 LoRA learns. The composite-skill task (``json_date``) needs two skills at once: extract fields
+as JSON (``json``) and write a date as YYYY-MM-DD (``date``). Its prompt asks for both in one
+sentence, and its answer mixes both formats, token by token (LoRA-Flow's case and the paper's).
 
     words   "Write the number 47 in English words."               -> "forty-seven"
     arith   "What is 17 + 25? Reply with the number only."        -> "42"
@@ -11,7 +12,8 @@ sum (``arith``) and write the result in English words (``words``).
     units   "How many meters are 7 kilometers?"                  -> "7000"
     french  "Translate into French: the black cat"                -> "le chat noir"
     json    "Extract the name and age as JSON: Anna is 34 ..."    -> '{"name": "Anna", "age": 34}'
-    arith_words  "What is 17 + 25? Write the answer in English words." -> "forty-two"
+    json_date  "Extract the name and the date as JSON, the date in the format YYYY-MM-DD: Anna was
+               born on March 9, 2021 in Oslo."        -> '{"name": "Anna", "date": "2021-03-09"}'
 """
 
 from __future__ import annotations
@@ -89,17 +91,22 @@ def json_fields(rng: random.Random) -> Example:
     return f"Extract the name and age as JSON: {text}", f'{{"name": "{name}", "age": {age}}}'
 
 
-def arith_words(rng: random.Random) -> Example:
-    a, b = rng.randint(1, 99), rng.randint(1, 99)
-    return f"What is {a} + {b}? Write the answer in English words.", number_words(a + b)
+def json_date(rng: random.Random) -> Example:
+    name, city = rng.choice(NAMES), rng.choice(CITIES)
+    year, month, day = rng.randint(1990, 2030), rng.randint(1, 12), rng.randint(1, 28)
+    when = f"{MONTHS[month - 1]} {day}, {year}"
+    text = rng.choice([f"{name} was born on {when} in {city}.", f"On {when}, {name} moved to {city}.",
+                       f"{name} signed the lease in {city} on {when}."])
+    return (f"Extract the name and the date as JSON, the date in the format YYYY-MM-DD: {text}",
+            f'{{"name": "{name}", "date": "{year:04d}-{month:02d}-{day:02d}"}}')
 
 
 TASKS: dict[str, Callable[[random.Random], Example]] = {
     "words": words, "arith": arith, "date": date, "units": units, "french": french, "json": json_fields,
 }
-FUSION_TASK = "arith_words"
-FUSION_PARTS = ("arith", "words")  # the two task adapters the composite skill needs
-ALL_TASKS = {**TASKS, FUSION_TASK: arith_words}
+FUSION_TASK = "json_date"
+FUSION_PARTS = ("json", "date")  # the two task adapters the composite skill needs
+ALL_TASKS = {**TASKS, FUSION_TASK: json_date}
 
 
 def stream(task: str, seed: int, exclude: frozenset[str] = frozenset()) -> Iterator[Example]:
