@@ -10,6 +10,9 @@ Variants (all on one set of weights, dlp_lora.bench.workload.shared_copy):
     dlp_qv_all        the same with the skip turned off (every module's target mask set to all
                       adapters), as before modules were skipped: the op runs on all 210 modules
 Ratios are paired per round (dlp_lora.bench.report.summarize), against base and peft_single.
+Then one decode step of base, peft_single, dlp_tasks_K3 and dlp_qv_skip is profiled
+(dlp_lora.bench.breakdown.decode_step_profile: self time per operator category, and the time
+outside operators: Python), to say where DLP-LoRA's extra time goes.
 
 Beside the timings, ``exactness``: the largest logit difference of DLP-LoRA (one adapter) and of PEFT
 from PEFT in float64, on the speed prompt, and the logits' scale: on a 30-layer model float32 rounding
@@ -23,11 +26,16 @@ from pathlib import Path
 
 import torch
 
+from ..bench.breakdown import PROFILE_ROUNDS, decode_step_profile, median_profile
 from ..bench.report import summarize
 from ..bench.timing import run_interleaved
 from ..bench.variants import Variant, mixture_variant
 from ..bench.workload import ModelShape, ensure_peft_adapters, load_banks, shared_copy
 
+# Profiled after the timed rounds (where a goal is missed, this says where the time goes): the
+# profiler's per-operator cost inflates variants that dispatch more operators, so its wall times
+# are not the speed; the timed rounds are.
+PROFILED = ("base", "peft_single", "dlp_tasks_K3", "dlp_qv_skip")
 SPEED_MESSAGE = "Write a short story about a robot who learns to paint. Use simple sentences."
 
 
@@ -127,6 +135,16 @@ def measure(model_dir: Path, tokenizer, adapter_dirs: dict[str, Path], recipe, r
         samples = run_interleaved(variants, ids, new_tokens=recipe.speed_new_tokens, reps=recipe.speed_rounds,
                                   warmup_tokens=4, progress=bar)
     rows = summarize(variants, samples, 1, references=["base", "peft_single"])
+    log(f"speed: profiling one decode step of {', '.join(PROFILED)} ({PROFILE_ROUNDS} interleaved rounds)")
+    profiles = {name: [] for name in PROFILED}
+    for _ in range(PROFILE_ROUNDS):
+        for variant in (v for v in variants if v.name in PROFILED):
+            profiles[variant.name].append(decode_step_profile(variant, ids, {}, recipe.speed_new_tokens))
+    for row in rows:
+        if row["variant"] in profiles:
+            row["profile_per_decode_step"] = median_profile(profiles[row["variant"]])
+            cpu = row["profile_per_decode_step"]["cpu_ms"]
+            log(f"speed profile {row['variant']}: " + ", ".join(f"{k} {v:.2f} ms" for k, v in cpu.items()))
     exact = exactness(base, adapter_dirs[task_names[0]], ids)
     log(f"exactness (one adapter, float32, vs PEFT float64): {exact}")
     for row in rows:
