@@ -426,6 +426,11 @@ def render_real_model(path: Path) -> str:
                  f"prompts in the chat template, greedy decoding, exact match; DLP-LoRA = router + top-p "
                  f"{recipe.get('top_p')} (at most {recipe.get('max_loras')} adapters).")
     parts.append(_provenance(prov, path))
+    seconds = data.get("stage_seconds")
+    if seconds:
+        parts.append(f"Run time from scratch: {sum(seconds.values()) / 60:.0f} min ("
+                     + ", ".join(f"{stage} {s / 60:.1f} min" for stage, s in seconds.items())
+                     + "); each stage's figure is from the run that computed it.")
     composite = stages.get("composite")
     if composite:
         tasks = list(next(iter(composite["methods"].values()))["per_task"])
@@ -446,15 +451,7 @@ def render_real_model(path: Path) -> str:
                   md_table(["method", "EM %", *(f"{t} %" for t in tasks)], rows)]
     fusion = stages.get("fusion")
     if fusion:
-        rows = [[m, _pct(r["exact_match"])] for m, r in fusion["methods"].items()]
-        flow = stages.get("loraflow", {}).get("fusion")
-        if flow:
-            rows.append([f"LoRA-Flow on {flow['train_examples']} examples of the skill (mean of "
-                         f"{len(flow['runs'])} seeds, sd {_pct(flow['exact_match']['stdev'])})",
-                         _pct(flow["exact_match"]["mean"])])
-        k = ", ".join(f"K={k}: {n}" for k, n in fusion["k_distribution"].items())
-        parts += [f"Fusion: {fusion['prompts']} prompts that need two skills (a sum written in words); "
-                  f"adapters top-p keeps per prompt: {k}.", md_table(["method", "EM %"], rows)]
+        parts += _real_fusion(fusion, stages.get("loraflow", {}).get("fusion"))
     speed = stages.get("speed")
     if speed:
         rows = [[r["variant"], f"{r['decode_ms_per_token']['median']:.1f}", _ratio(r, "base"),
@@ -463,8 +460,17 @@ def render_real_model(path: Path) -> str:
         parts += [f"Speed: batch 1, greedy, {speed['new_tokens']} new tokens, eager, {speed['threads']} "
                   f"thread, {speed['rounds']} interleaved rounds, prompt {speed['prompt_tokens']} tokens, "
                   f"{speed['patched_modules']} patched modules; load average {load[0] and load[0][0]} -> "
-                  f"{load[1] and load[1][0]} (the machine was shared: ratios are paired per round).",
+                  f"{load[1] and load[1][0]} (ratios are paired per round).",
                   md_table(["variant", "decode ms/token", "x base [IQR]", "x PEFT one adapter [IQR]"], rows)]
+        profiled = [r for r in speed["rows"] if "profile_per_decode_step" in r]
+        if profiled:
+            rounds = profiled[0]["profile_per_decode_step"]["rounds"]
+            parts += ["Where a decode step's time goes (torch.profiler, one step without the prefill, "
+                      f"median of {rounds} interleaved rounds; self time in ms by operator category, and "
+                      "the step's wall time outside any operator: Python, module calls, routing; the "
+                      "profiler's own cost is in it, so the timed rounds above are the speed):",
+                      md_table(["variant", "operator calls", *PROFILE_COLUMNS, "wall"],
+                               [_profile_row(r["variant"], r["profile_per_decode_step"]) for r in profiled])]
         exact = speed.get("exactness")
         if exact:
             scale = exact["logits_scale"]
@@ -474,6 +480,40 @@ def render_real_model(path: Path) -> str:
                          f"{dlp:.1e} ({dlp / scale:.1e}); DLP-LoRA vs PEFT in float32 "
                          f"{exact['dlp_vs_peft_fp32']:.1e}.")
     return "\n\n".join(p for p in parts if p)
+
+
+PROFILE_COLUMNS = ("matmul", "attention", "lora_op", "other", "outside_ops")
+FUSION_METHODS = {"base": "base model", "fixed_50_50": "fixed mixture, 1/2 each",
+                  "fixed_sum": "fixed mixture, 1 each", "dlp_lora": "DLP-LoRA (router + top-p)",
+                  "composite_lora_ceiling": "a LoRA trained on the skill itself (ceiling)"}
+
+
+def _profile_row(variant: str, profile: dict) -> list[str]:
+    return [variant, f"{profile['calls']:.0f}", *(f"{profile['cpu_ms'][c]:.2f}" for c in PROFILE_COLUMNS),
+            f"{profile['wall_ms']:.2f}"]
+
+
+def _real_fusion(fusion: dict, flow: dict | None) -> list[str]:
+    """The fusion stage's caption and table (the two skills are read off its only_<adapter> methods)."""
+    needed = [m.removeprefix("only_") for m in fusion["methods"] if m.startswith("only_")]
+    def title(method: str) -> str:
+        if method.startswith("only_"):
+            return f"the {method.removeprefix('only_')} adapter alone"
+        return FUSION_METHODS.get(method, method)
+
+    rows = [[title(m), _pct(r["exact_match"])] for m, r in fusion["methods"].items()]
+    if flow:
+        seeds = ", ".join(_pct(r["exact_match"]) for r in flow["runs"])
+        rows.append([f"LoRA-Flow gates over {' and '.join(flow['candidates'])}, trained on "
+                     f"{flow['train_examples']} examples of the skill (mean of {len(flow['runs'])} seeds, sd "
+                     f"{_pct(flow['exact_match']['stdev'])}; seeds {seeds})",
+                     _pct(flow["exact_match"]["mean"])])
+        rows.append(["LoRA-Flow path, uniform weights", _pct(flow["uniform_ceiling"]["exact_match"])])
+    k = ", ".join(f"K={k}: {n}" for k, n in fusion["k_distribution"].items())
+    routed = ", ".join(f"{s}: {n}" for s, n in fusion.get("routed_sets", {}).items())
+    return [f"Fusion: {fusion['prompts']} prompts that need two skills in one answer (the "
+            f"{' and '.join(needed)} adapters); adapters top-p keeps per prompt: {k} ({routed}).",
+            md_table(["method", "EM %"], rows)]
 
 
 # ----------------------------------------------------------------------------- LoRA-Flow (bench --loraflow)
@@ -527,6 +567,7 @@ def render_serve(path: Path) -> str:
     for r in result["rows"]:
         ttft, lat = r["ttft_s"], r["latency_s"]
         load = f"{r['clients']} clients" if r["load"] == "closed" else f"Poisson {r['rate_per_s']}/s"
+        load += f", round {r['round']}" if r.get("round") else ""
         sizes = ", ".join(f"{k}: {v}" for k, v in r["batch_sizes"].items())
         quantiles = [" / ".join(f"{q[k]:.2f}" for k in ("p50", "p95", "p99")) for q in (ttft, lat)]
         lines.append(f"| {r['mode']} | {r['max_batch_size']} | {load} | {r['tokens_per_s']:.1f} | "
@@ -543,6 +584,8 @@ def render_serve(path: Path) -> str:
     for goal in result["goals"]:
         figures = (f"{goal['ratio']}x" if "ratio" in goal
                    else f"p99 TTFT {goal['p99_ttft_s']} s (static, continuous)")
+        if goal.get("per_round"):
+            figures += f" (median over rounds; per round {goal['per_round']})"
         lines.append(f"- {goal['goal']}: {figures}: {'met' if goal['met'] else 'missed'}")
     rerun = f"nice python benchmarks/bench_serve.py --out {_rel(path)}"
     lines += ["", f"_From `{_rel(path)}`; rerun: `{rerun}`._"]

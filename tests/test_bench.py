@@ -398,3 +398,23 @@ def test_goals_use_the_device_limits():
         meteora = goals["MeteoRA best form >= 2x dlp_N26 time (batch 1)"]
         assert meteora["best_form"] == "op" and meteora["measured"] == pytest.approx(15.0 / 11.2, abs=1e-4)
         assert not any("N=100" in text for text in goals)  # not measured: not reported
+
+
+def test_serve_goals_are_the_median_of_paired_rounds():
+    """bench_serve's goals: each round pairs the modes measured in it; the median over rounds decides."""
+    bench_serve = _load_script("bench_serve")
+
+    def row(mode, round_, tokens_per_s, p99):
+        return {"mode": mode, "load": "closed", "clients": 16, "round": round_, "tokens_per_s": tokens_per_s,
+                "ttft_s": {"p99": p99}}
+
+    rows = [row("serial", 0, 10.0, 50.0), row("static", 0, 20.0, 30.0), row("continuous", 0, 40.0, 10.0),
+            row("continuous", 1, 25.0, 12.0), row("serial", 1, 10.0, 40.0), row("static", 1, 20.0, 35.0),
+            row("static", 2, 10.0, 20.0), row("continuous", 2, 35.0, 11.0), row("serial", 2, 10.0, 45.0),
+            {**row("continuous", 0, 99.0, 1.0), "clients": 4}]  # not the goals' setting
+    goals = {g["goal"].split(": ")[1]: g for g in bench_serve.evaluate_goals(rows)}
+    serial, static = goals["continuous >= 3.0x serial tokens/s"], goals["continuous >= 1.3x static tokens/s"]
+    assert serial["per_round"] == [4.0, 2.5, 3.5] and serial["ratio"] == 3.5 and serial["met"]
+    assert static["per_round"] == [2.0, 1.25, 3.5] and static["ratio"] == 2.0 and static["met"]
+    ttft = goals["continuous p99 time to first token below static's"]
+    assert ttft["p99_ttft_s"] == [30.0, 11.0] and ttft["met"]
