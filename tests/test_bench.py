@@ -418,3 +418,54 @@ def test_serve_goals_are_the_median_of_paired_rounds():
     assert static["per_round"] == [2.0, 1.25, 3.5] and static["ratio"] == 2.0 and static["met"]
     ttft = goals["continuous p99 time to first token below static's"]
     assert ttft["p99_ttft_s"] == [30.0, 11.0] and ttft["met"]
+
+
+def test_real_model_section_renders_every_stage(tmp_path):
+    """make real-model's file: composite with LoRA-Flow and its ceilings, fusion named from its adapters
+    with LoRA-Flow's seeds, speed with the decode-step profile, run time; a partial file says so."""
+    per_task = {"json": 1.0, "date": 0.5}
+    flow_run = {"exact_match": 0.5}
+    profile = {"calls": 4000, "wall_ms": 52.0, "rounds": 3, "cpu_ms": {
+        "matmul": 40.0, "attention": 1.0, "lora_op": 2.5, "other": 5.0, "outside_ops": 3.5}}
+    ceilings = {"oracle_weights": 0.8, "oracle_weights_except_layer0": 0.8, "uniform": 0.2}
+    stages = {
+        "adapters": {"json": {"steps": 12, "seconds": 70.0}, "date": {"steps": 19, "seconds": 80.0}},
+        "composite": {"prompts": 60, "router_accuracy": 1.0, "methods": {
+            m: {"exact_match": 0.75, "per_task": per_task} for m in ("base", "oracle", "dlp_lora")}},
+        "fusion": {"prompts": 60, "k_distribution": {"1": 50, "2": 10},
+                   "routed_sets": {"date": 50, "date+json": 10},
+                   "methods": {m: {"exact_match": e} for m, e in (
+                       ("base", 0.0), ("only_json", 0.0), ("only_date", 0.1), ("fixed_50_50", 0.2),
+                       ("fixed_sum", 0.3), ("dlp_lora", 0.1), ("composite_lora_ceiling", 0.9))}},
+        "speed": {"new_tokens": 64, "threads": 1, "rounds": 5, "prompt_tokens": 40, "patched_modules": 210,
+                  "load_average_start": [1.0], "load_average_end": [1.1], "rows": [
+                      {"variant": v, "decode_ms_per_token": {"median": 50.0},
+                       "ratio_to_base": {"median": 1.05, "iqr": 0.01},
+                       "ratio_to_peft_single": {"median": 0.9, "iqr": 0.01},
+                       **({"profile_per_decode_step": profile} if v != "peft_single" else {})}
+                      for v in ("base", "peft_single", "dlp_tasks_K3")]},
+        "loraflow": {
+            "composite": {"runs": [flow_run] * 3, "exact_match": {"mean": 0.5, "stdev": 0.01},
+                          "ceilings": ceilings},
+            "fusion": {"candidates": ["json", "date"], "train_examples": 200,
+                       "runs": [{"exact_match": 0.6}] * 3,
+                       "exact_match": {"mean": 0.6, "stdev": 0.0}, "uniform_ceiling": {"exact_match": 0.05}}},
+    }
+    data = {"complete": True, "recipe": {"lora_rank": 8, "lora_targets": ["q_proj"], "top_p": 0.6},
+            "machine": {"cpu": "some cpu", "cpu_count": 2}, "versions": {"torch": "2.13"}, "stages": stages,
+            "stage_seconds": {"adapters": 150.0, "loraflow": 1800.0}}
+    path = tmp_path / "real_model_cpu.json"
+    path.write_text(json.dumps(data))
+    tables = _load_tables_script()
+    text = tables.render_real_model(path)
+    assert "Partial run" not in text and "Run time from scratch: 32 min" in text
+    assert "(the json and date adapters); adapters top-p keeps per prompt: K=1: 50, K=2: 10" in text
+    assert "| the date adapter alone | 10.0 |" in text and "| fixed mixture, 1 each | 30.0 |" in text
+    assert "| LoRA-Flow gates over json and date, trained on 200 examples of the skill (mean of 3 seeds, " \
+           "sd 0.0; seeds 60.0, 60.0, 60.0) | 60.0 |" in text
+    assert "| LoRA-Flow path, uniform weights | 5.0 |" in text
+    assert "| dlp_tasks_K3 | 4000 | 40.00 | 1.00 | 2.50 | 5.00 | 3.50 | 52.00 |" in text
+    del stages["loraflow"], data["stage_seconds"]
+    path.write_text(json.dumps(data))
+    text = tables.render_real_model(path)
+    assert "**Partial run**: not run yet: loraflow" in text and "LoRA-Flow gates" not in text
