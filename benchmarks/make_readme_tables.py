@@ -689,6 +689,18 @@ def _real_model_headline(real: dict) -> list[list[str]]:
                      f"router accuracy {_pct(composite['router_accuracy'])}%)",
                      "yes" if methods["dlp_lora"]["exact_match"] >= methods["oracle"]["exact_match"]
                      else "**no**"])
+    fusion, flow = stages.get("fusion"), stages.get("loraflow", {}).get("fusion")
+    if fusion and flow:
+        methods = fusion["methods"]
+        needed = " + ".join(m.removeprefix("only_") for m in methods if m.startswith("only_"))
+        dlp, gates = methods["dlp_lora"]["exact_match"], flow["exact_match"]["mean"]
+        rows.append([f"SmolLM2-135M-Instruct fusion: exact match of DLP-LoRA over {fusion['prompts']} "
+                     f"prompts that need two adapters in one answer ({needed})",
+                     "as good as LoRA-Flow trained on that skill (its home ground)",
+                     f"{_pct(dlp)}% (LoRA-Flow {_pct(gates)}%, fixed 1/2 each "
+                     f"{_pct(methods['fixed_50_50']['exact_match'])}%, a LoRA trained on the skill "
+                     f"{_pct(methods['composite_lora_ceiling']['exact_match'])}%)",
+                     "yes" if dlp >= gates else "**no**"])
     return rows
 
 

@@ -465,6 +465,9 @@ def test_real_model_section_renders_every_stage(tmp_path):
            "sd 0.0; seeds 60.0, 60.0, 60.0) | 60.0 |" in text
     assert "| LoRA-Flow path, uniform weights | 5.0 |" in text
     assert "| dlp_tasks_K3 | 4000 | 40.00 | 1.00 | 2.50 | 5.00 | 3.50 | 52.00 |" in text
+    headline = tables._real_model_headline(data)
+    assert headline[-1][2] == ("10.0% (LoRA-Flow 60.0%, fixed 1/2 each 20.0%, a LoRA trained on the skill "
+                               "90.0%)") and headline[-1][3] == "**no**"
     del stages["loraflow"], data["stage_seconds"]
     path.write_text(json.dumps(data))
     text = tables.render_real_model(path)
