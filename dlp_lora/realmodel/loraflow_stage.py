@@ -80,7 +80,7 @@ def run_loraflow(model, tokenizer, adapter_dirs: dict[str, Path], recipe, root: 
                            clip=recipe.loraflow_clip, dev=dev,
                            log=lambda line: log(f"loraflow {name} seed {seed}: {line}"))
         save_gates(flow, out_dir / f"{name}-seed{seed}-gates")
-        ok = exact(generate_answers(flow, tokenizer, messages, recipe), targets)
+        ok = exact(generate_answers(flow, tokenizer, messages, recipe, targets=targets), targets)
         score = sum(ok) / len(ok)
         log(f"loraflow {name} seed {seed}: {score:.1%} exact match (best epoch {done.best_epoch}, "
             f"{done.steps} steps, {time.perf_counter() - start:.0f} s)")
@@ -104,8 +104,9 @@ def run_loraflow(model, tokenizer, adapter_dirs: dict[str, Path], recipe, root: 
 
     def ceiling_scores() -> dict:
         def score(flow, some_rows) -> float:
-            ok = exact(generate_answers(flow, tokenizer, [m for _, m, _ in some_rows], recipe),
-                       [a for _, _, a in some_rows])
+            some_targets = [a for _, _, a in some_rows]
+            ok = exact(generate_answers(flow, tokenizer, [m for _, m, _ in some_rows], recipe,
+                                        targets=some_targets), some_targets)
             return sum(ok) / len(ok)
 
         found = ceilings(model, bank, rows, score)
@@ -131,7 +132,7 @@ def run_loraflow(model, tokenizer, adapter_dirs: dict[str, Path], recipe, root: 
 
     def fusion_uniform() -> dict:
         flow = loraflow_model(model, pair_bank)
-        ok = exact(generate_answers(flow, tokenizer, f_messages, recipe), f_targets)
+        ok = exact(generate_answers(flow, tokenizer, f_messages, recipe, targets=f_targets), f_targets)
         log(f"loraflow fusion uniform: {sum(ok) / len(ok):.1%}")
         return {"exact_match": sum(ok) / len(ok)}
 

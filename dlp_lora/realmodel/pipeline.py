@@ -184,10 +184,17 @@ def train_router(tokenizer, recipe: Recipe, root: Path, exclude: frozenset[str])
     return router
 
 
-def generate_answers(model, tokenizer, messages: list[str], recipe: Recipe, mixtures=None) -> list[str]:
-    """Greedy answers to ``messages`` (chat template), batched; mixtures: one use_mixture row each."""
+def generate_answers(model, tokenizer, messages: list[str], recipe: Recipe, mixtures=None, *,
+                     targets: list[str]) -> list[str]:
+    """Greedy answers to ``messages`` (chat template), batched; mixtures: one use_mixture row each.
+
+    At most recipe.max_new_tokens new tokens, or more where a target needs them (its tokens, the
+    end of turn and one spare): a cut-off answer can never match exactly.
+    """
     from ..patch import use_mixture
 
+    longest = max(len(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in targets)
+    budget = max(recipe.max_new_tokens, longest + 2)
     answers = []
     for i in range(0, len(messages), recipe.eval_batch):
         chunk = messages[i:i + recipe.eval_batch]
@@ -196,7 +203,7 @@ def generate_answers(model, tokenizer, messages: list[str], recipe: Recipe, mixt
         rows = None if mixtures is None else mixtures[i:i + recipe.eval_batch]
         ctx = use_mixture(model, rows) if rows is not None else _nullcontext()
         with torch.no_grad(), ctx:
-            out = model.generate(**enc, max_new_tokens=recipe.max_new_tokens, do_sample=False,
+            out = model.generate(**enc, max_new_tokens=budget, do_sample=False,
                                  pad_token_id=tokenizer.pad_token_id)
         answers += tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
     return answers
@@ -222,7 +229,7 @@ def evaluate_composite(model, tokenizer, router, recipe: Recipe) -> dict:
     for method, mixtures in (("base", [{}] * len(rows)), ("oracle", [{t: 1.0} for t in names]),
                              ("dlp_lora", None)):
         start = time.perf_counter()
-        answers = generate_answers(model, tokenizer, messages, recipe, mixtures)
+        answers = generate_answers(model, tokenizer, messages, recipe, mixtures, targets=targets)
         ok = exact(answers, targets)
         per_task = {t: sum(o for o, n in zip(ok, names, strict=True) if n == t) / recipe.eval_per_task
                     for t in tasks.TASKS}
@@ -255,7 +262,7 @@ def evaluate_fusion(model, tokenizer, router, recipe: Recipe) -> dict:
                "composite_lora_ceiling": [{tasks.FUSION_TASK: 1.0}]}
     for method, mixture in methods.items():
         rows = None if mixture is None else mixture * len(messages)
-        answers = generate_answers(model, tokenizer, messages, recipe, rows)
+        answers = generate_answers(model, tokenizer, messages, recipe, rows, targets=targets)
         ok = exact(answers, targets)
         result["methods"][method] = {"exact_match": sum(ok) / len(ok),
                                      "examples": list(zip(messages[:3], answers[:3], strict=True))}
