@@ -428,9 +428,12 @@ def render_real_model(path: Path) -> str:
     parts.append(_provenance(prov, path))
     seconds = data.get("stage_seconds")
     if seconds:
+        untimed = [u for u, s in stages.get("loraflow", {}).get("unit_seconds", {}).items() if s is None]
         parts.append(f"Run time from scratch: {sum(seconds.values()) / 60:.0f} min ("
                      + ", ".join(f"{stage} {s / 60:.1f} min" for stage, s in seconds.items())
-                     + "); each stage's figure is from the run that computed it.")
+                     + "); each stage's figure is from the run that computed it"
+                     + (f", and LoRA-Flow's counts only its units with a recorded time (not: "
+                        f"{', '.join(untimed)})" if untimed else "") + ".")
     composite = stages.get("composite")
     if composite:
         tasks = list(next(iter(composite["methods"].values()))["per_task"])

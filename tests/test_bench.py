@@ -447,6 +447,7 @@ def test_real_model_section_renders_every_stage(tmp_path):
         "loraflow": {
             "composite": {"runs": [flow_run] * 3, "exact_match": {"mean": 0.5, "stdev": 0.01},
                           "ceilings": ceilings},
+            "unit_seconds": {"composite seed 0": None, "fusion seed 0": 900.0},
             "fusion": {"candidates": ["json", "date"], "train_examples": 200,
                        "runs": [{"exact_match": 0.6}] * 3,
                        "exact_match": {"mean": 0.6, "stdev": 0.0}, "uniform_ceiling": {"exact_match": 0.05}}},
@@ -459,6 +460,7 @@ def test_real_model_section_renders_every_stage(tmp_path):
     tables = _load_tables_script()
     text = tables.render_real_model(path)
     assert "Partial run" not in text and "Run time from scratch: 32 min" in text
+    assert "LoRA-Flow's counts only its units with a recorded time (not: composite seed 0)" in text
     assert "(the json and date adapters); adapters top-p keeps per prompt: K=1: 50, K=2: 10" in text
     assert "| the date adapter alone | 10.0 |" in text and "| fixed mixture, 1 each | 30.0 |" in text
     assert "| LoRA-Flow gates over json and date, trained on 200 examples of the skill (mean of 3 seeds, " \

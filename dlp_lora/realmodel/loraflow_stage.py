@@ -42,9 +42,12 @@ def _pairs(tokenizer, examples, chat_prompt) -> list[tuple[list[int], list[int]]
 
 
 def _cached(path: Path, compute: Callable[[], dict]) -> dict:
+    """The unit's cached value, else computed, stamped with its wall time and written whole."""
     if path.is_file():
         return json.loads(path.read_text())
+    start = time.perf_counter()
     value = compute()
+    value["wall_seconds"] = round(time.perf_counter() - start, 1)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".partial")
     tmp.write_text(json.dumps(value, indent=1) + "\n")
@@ -140,4 +143,10 @@ def run_loraflow(model, tokenizer, adapter_dirs: dict[str, Path], recipe, root: 
               "candidates": parts, "runs": f_runs,
               "exact_match": _summary([r["exact_match"] for r in f_runs]),
               "uniform_ceiling": _cached(out_dir / "fusion-uniform.json", fusion_uniform)}
-    return {"settings": settings, "composite": composite, "fusion": fusion}
+    units = {f"composite seed {s}": r for s, r in zip(recipe.loraflow_seeds, runs, strict=True)}
+    units |= {f"fusion seed {s}": r for s, r in zip(recipe.loraflow_seeds, f_runs, strict=True)}
+    units |= {"composite ceilings": composite["ceilings"], "fusion uniform": fusion["uniform_ceiling"]}
+    # Each unit's wall time when it was computed (cached units keep theirs), so the stage's cost holds
+    # across interrupted runs; a unit cached before this was recorded has none.
+    unit_seconds = {name: unit.get("wall_seconds") for name, unit in units.items()}
+    return {"settings": settings, "composite": composite, "fusion": fusion, "unit_seconds": unit_seconds}

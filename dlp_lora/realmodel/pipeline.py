@@ -311,6 +311,8 @@ def run(recipe: Recipe, cache_root: Path, out: Path, stages: tuple[str, ...] = S
         now = time.perf_counter()
         if stage == "adapters":
             seconds[stage] = round(sum(note["seconds"] for note in value.values()), 1)
+        elif stage == "loraflow":  # the sum of its units' own times (units are cached one by one)
+            seconds[stage] = round(sum(s for s in value["unit_seconds"].values() if s is not None), 1)
         elif stage not in result["stages"]:
             seconds[stage] = round(now - clock[0], 1)
         clock[0] = now
