@@ -17,11 +17,14 @@ Each unit (one seed's gates and score, each ceiling) is cached in ``<root>/loraf
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 import statistics
 import time
 from collections.abc import Callable
+from concurrent.futures import as_completed
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -47,7 +50,94 @@ def _cached(path: Path, compute: Callable[[], dict]) -> dict:
         return json.loads(path.read_text())
     start = time.perf_counter()
     value = compute()
-    value["wall_seconds"] = round(time.perf_counter() - start, 1)
+    return _write(path, {**value, "wall_seconds": round(time.perf_counter() - start, 1)})
+
+
+@dataclass(frozen=True)
+class SeedJob:
+    """One LoRA-Flow training and its score: everything a worker process needs (picklable)."""
+
+    name: str                      # "composite" or "fusion"
+    seed: int
+    model_dir: str
+    adapters: dict[str, str]       # the candidates, in order: name -> PEFT directory
+    train: list                    # [(prompt ids, answer ids)]
+    dev: list
+    messages: list[str]            # held-out prompts and their answers
+    targets: list[str]
+    gates_dir: str
+    recipe: object
+    threads: int
+
+
+def train_and_score(job: SeedJob, model=None, tokenizer=None,
+                    log: Callable[[str], None] | None = None) -> dict:
+    """Train the gates of ``job`` at the authors' recipe, save them, score the held-out prompts.
+
+    ``model``/``tokenizer``: the loaded base (in process); a worker loads its own from job.model_dir.
+    """
+    from ..artifacts import load_tokenizer
+    from ..bank import LoRABank
+    from .pipeline import exact, generate_answers
+    from .pipeline import log as pipeline_log
+
+    start = time.perf_counter()
+    log = log or pipeline_log
+    torch.set_num_threads(job.threads)
+    if model is None:
+        from transformers import AutoModelForCausalLM
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+        model = AutoModelForCausalLM.from_pretrained(job.model_dir, dtype=torch.float32).eval()
+        tokenizer = load_tokenizer(job.model_dir, "--model")
+    recipe = job.recipe
+    flow = loraflow_model(model, LoRABank.from_peft(job.adapters))
+    torch.manual_seed(job.seed)
+    done = train_gates(flow, job.train, epochs=recipe.loraflow_epochs, lr=recipe.loraflow_lr,
+                       batch_size=recipe.loraflow_batch, weight_decay=recipe.loraflow_weight_decay,
+                       pad_id=tokenizer.pad_token_id, seed=job.seed, warmup_ratio=recipe.loraflow_warmup,
+                       clip=recipe.loraflow_clip, dev=job.dev,
+                       log=lambda line: log(f"loraflow {job.name} seed {job.seed}: {line}"))
+    save_gates(flow, job.gates_dir)
+    ok = exact(generate_answers(flow, tokenizer, job.messages, recipe, targets=job.targets), job.targets)
+    score = sum(ok) / len(ok)
+    log(f"loraflow {job.name} seed {job.seed}: {score:.1%} exact match (best epoch {done.best_epoch}, "
+        f"{done.steps} steps, {time.perf_counter() - start:.0f} s)")
+    return {"exact_match": score, "epoch_losses": done.epoch_losses, "dev_losses": done.dev_losses,
+            "best_epoch": done.best_epoch, "steps": done.steps, "seconds": round(done.seconds, 1),
+            "threads": job.threads, "wall_seconds": round(time.perf_counter() - start, 1)}
+
+
+def run_seeds(jobs: list[SeedJob], paths: list[Path], model, tokenizer,
+              log: Callable[[str], None]) -> list[dict]:
+    """Every seed's result, cached one file each. Seeds not cached yet run side by side, one worker
+    process per core at one torch thread each (training at batch 4 keeps a second thread of one
+    process mostly idle, so two processes nearly halve the stage); "concurrent" records how many ran
+    together, so the stage's elapsed time is the sum of wall_seconds / concurrent."""
+    import multiprocessing
+    import os
+    from concurrent.futures import ProcessPoolExecutor
+
+    results = {i: json.loads(p.read_text()) for i, p in enumerate(paths) if p.is_file()}
+    pending = [i for i in range(len(jobs)) if i not in results]
+    workers = min(len(pending), os.cpu_count() or 1)
+    if workers <= 1:
+        for i in pending:
+            value = train_and_score(jobs[i], model, tokenizer, log)
+            results[i] = _write(paths[i], {**value, "concurrent": 1})
+        return [results[i] for i in range(len(jobs))]
+    log(f"loraflow: {len(pending)} trainings, {workers} at a time (one process and one thread each)")
+    jobs_1 = {i: dataclasses.replace(jobs[i], threads=1) for i in pending}
+    with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = {pool.submit(train_and_score, jobs_1[i]): i for i in pending}
+        for future in as_completed(futures):
+            i = futures[future]
+            results[i] = _write(paths[i], {**future.result(), "concurrent": workers})
+    return [results[i] for i in range(len(jobs))]
+
+
+def _write(path: Path, value: dict) -> dict:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".partial")
     tmp.write_text(json.dumps(value, indent=1) + "\n")
@@ -60,8 +150,8 @@ def _summary(scores: list[float]) -> dict:
             "min": min(scores), "max": max(scores), "per_seed": scores}
 
 
-def run_loraflow(model, tokenizer, adapter_dirs: dict[str, Path], recipe, root: Path, exclude: frozenset[str],
-                 log: Callable[[str], None]) -> dict:
+def run_loraflow(model, tokenizer, model_dir: Path, adapter_dirs: dict[str, Path], recipe, root: Path,
+                 exclude: frozenset[str], log: Callable[[str], None]) -> dict:
     from ..bank import LoRABank
     from .pipeline import chat_prompt, exact, generate_answers
 
@@ -73,22 +163,12 @@ def run_loraflow(model, tokenizer, adapter_dirs: dict[str, Path], recipe, root: 
                 "checkpoint": "epoch with the lowest dev answer loss", "seeds": list(recipe.loraflow_seeds),
                 "optimizer": "AdamW(betas=(0.9, 0.95), eps=1e-5)", "gate_init": "zeros"}
 
-    def train_and_score(name: str, bank, train, dev, seed: int, messages, targets) -> dict:
-        flow = loraflow_model(model, bank)
-        start = time.perf_counter()
-        torch.manual_seed(seed)
-        done = train_gates(flow, train, epochs=recipe.loraflow_epochs, lr=recipe.loraflow_lr,
-                           batch_size=recipe.loraflow_batch, weight_decay=recipe.loraflow_weight_decay,
-                           pad_id=tokenizer.pad_token_id, seed=seed, warmup_ratio=recipe.loraflow_warmup,
-                           clip=recipe.loraflow_clip, dev=dev,
-                           log=lambda line: log(f"loraflow {name} seed {seed}: {line}"))
-        save_gates(flow, out_dir / f"{name}-seed{seed}-gates")
-        ok = exact(generate_answers(flow, tokenizer, messages, recipe, targets=targets), targets)
-        score = sum(ok) / len(ok)
-        log(f"loraflow {name} seed {seed}: {score:.1%} exact match (best epoch {done.best_epoch}, "
-            f"{done.steps} steps, {time.perf_counter() - start:.0f} s)")
-        return {"exact_match": score, "epoch_losses": done.epoch_losses, "dev_losses": done.dev_losses,
-                "best_epoch": done.best_epoch, "steps": done.steps, "seconds": round(done.seconds, 1)}
+    def seed_runs(name: str, candidates: list[str], train, dev, messages, targets) -> list[dict]:
+        jobs = [SeedJob(name, s, str(model_dir), {t: str(adapter_dirs[t]) for t in candidates}, train, dev,
+                        messages, targets, str(out_dir / f"{name}-seed{s}-gates"), recipe, recipe.threads)
+                for s in recipe.loraflow_seeds]
+        return run_seeds(jobs, [out_dir / f"{name}-seed{s}.json" for s in recipe.loraflow_seeds], model,
+                         tokenizer, log)
 
     # --- composite: gates over the six task adapters
     names = list(tasks.TASKS)
@@ -101,9 +181,7 @@ def run_loraflow(model, tokenizer, adapter_dirs: dict[str, Path], recipe, root: 
     random.Random(recipe.seed).shuffle(train)
     train_ids, dev_ids = _pairs(tokenizer, train, chat_prompt), _pairs(tokenizer, dev[:recipe.loraflow_dev],
                                                                        chat_prompt)
-    runs = [_cached(out_dir / f"composite-seed{s}.json",
-                    lambda s=s: train_and_score("composite", bank, train_ids, dev_ids, s, messages, targets))
-            for s in recipe.loraflow_seeds]
+    runs = seed_runs("composite", names, train_ids, dev_ids, messages, targets)
 
     def ceiling_scores() -> dict:
         def score(flow, some_rows) -> float:
@@ -128,10 +206,7 @@ def run_loraflow(model, tokenizer, adapter_dirs: dict[str, Path], recipe, root: 
     stream = tasks.stream(tasks.FUSION_TASK, recipe.seed + 500, exclude)
     f_train = _pairs(tokenizer, [next(stream) for _ in range(recipe.loraflow_fusion_examples)], chat_prompt)
     f_dev = _pairs(tokenizer, [next(stream) for _ in range(recipe.loraflow_dev)], chat_prompt)
-    f_runs = [_cached(out_dir / f"fusion-seed{s}.json",
-                      lambda s=s: train_and_score("fusion", pair_bank, f_train, f_dev, s, f_messages,
-                                                  f_targets))
-              for s in recipe.loraflow_seeds]
+    f_runs = seed_runs("fusion", parts, f_train, f_dev, f_messages, f_targets)
 
     def fusion_uniform() -> dict:
         flow = loraflow_model(model, pair_bank)
@@ -148,5 +223,6 @@ def run_loraflow(model, tokenizer, adapter_dirs: dict[str, Path], recipe, root: 
     units |= {"composite ceilings": composite["ceilings"], "fusion uniform": fusion["uniform_ceiling"]}
     # Each unit's wall time when it was computed (cached units keep theirs), so the stage's cost holds
     # across interrupted runs; a unit cached before this was recorded has none.
-    unit_seconds = {name: unit.get("wall_seconds") for name, unit in units.items()}
+    unit_seconds = {name: unit["wall_seconds"] / unit.get("concurrent", 1) if "wall_seconds" in unit else None
+                    for name, unit in units.items()}
     return {"settings": settings, "composite": composite, "fusion": fusion, "unit_seconds": unit_seconds}

@@ -361,7 +361,7 @@ def run(recipe: Recipe, cache_root: Path, out: Path, stages: tuple[str, ...] = S
     if "loraflow" in stages and "loraflow" not in result["stages"]:
         from .loraflow_stage import run_loraflow
 
-        done("loraflow", run_loraflow(model, tokenizer, adapter_dirs, recipe, root, held, log))
+        done("loraflow", run_loraflow(model, tokenizer, model_dir, adapter_dirs, recipe, root, held, log))
     log(f"finished in {time.perf_counter() - start:.0f} s; complete: {result['complete']}; result: {out}")
     return result
 
