@@ -23,7 +23,8 @@ pytestmark = pytest.mark.slow
 def _jobs(art, tmp_path, tokenizer) -> list[SeedJob]:
     recipe = dataclasses.replace(Recipe.smoke(), loraflow_epochs=2, loraflow_batch=2, eval_batch=2,
                                  max_new_tokens=2)
-    examples = [(f"say {word} twice", f"{word} {word}") for word in ("bonjour", "merci", "oui", "non", "chat")]
+    words = ("bonjour", "merci", "oui", "non", "chat")
+    examples = [(f"say {word} twice", f"{word} {word}") for word in words]
     pairs = _pairs(tokenizer, examples, chat_prompt)
     adapters = {name: str(path) for name, path in art["adapters"].items()}
     return [SeedJob("fusion", seed, str(art["model"]), adapters, pairs[:4], pairs[4:], [examples[4][0]],
