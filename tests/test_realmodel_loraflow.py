@@ -41,6 +41,7 @@ def test_seeds_side_by_side_equal_seeds_one_by_one(tmp_path):
     workers = min(2, os.cpu_count() or 1)
     assert [r["concurrent"] for r in side_by_side] == [workers] * 2
     assert [json.loads(p.read_text()) for p in paths] == side_by_side
+    assert all(r["elapsed_share_seconds"] > 0 and r["wall_seconds"] > 0 for r in side_by_side)
     assert all((tmp_path / f"gates{job.seed}" / "loraflow_gates.safetensors").is_file() for job in jobs)
 
     from transformers import AutoModelForCausalLM

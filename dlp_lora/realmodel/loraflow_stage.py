@@ -129,11 +129,16 @@ def run_seeds(jobs: list[SeedJob], paths: list[Path], model, tokenizer,
         return [results[i] for i in range(len(jobs))]
     log(f"loraflow: {len(pending)} trainings, {workers} at a time (one process and one thread each)")
     jobs_1 = {i: dataclasses.replace(jobs[i], threads=1) for i in pending}
+    start = time.perf_counter()
     with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn")) as pool:
         futures = {pool.submit(train_and_score, jobs_1[i]): i for i in pending}
         for future in as_completed(futures):
             i = futures[future]
             results[i] = _write(paths[i], {**future.result(), "concurrent": workers})
+    # the pool's elapsed time, shared among its trainings: what they cost together
+    share = round((time.perf_counter() - start) / len(pending), 1)
+    for i in pending:
+        results[i] = _write(paths[i], {**results[i], "elapsed_share_seconds": share})
     return [results[i] for i in range(len(jobs))]
 
 
@@ -143,6 +148,16 @@ def _write(path: Path, value: dict) -> dict:
     tmp.write_text(json.dumps(value, indent=1) + "\n")
     tmp.replace(path)
     return value
+
+
+def _elapsed(unit: dict) -> float | None:
+    """What a unit added to the stage's elapsed time: its share of its pool's time, else (a pool that
+    was interrupted) its wall time over the trainings beside it, else its wall time; None if unknown."""
+    if "elapsed_share_seconds" in unit:
+        return unit["elapsed_share_seconds"]
+    if "wall_seconds" in unit:
+        return round(unit["wall_seconds"] / unit.get("concurrent", 1), 1)
+    return None
 
 
 def _summary(scores: list[float]) -> dict:
@@ -163,12 +178,10 @@ def run_loraflow(model, tokenizer, model_dir: Path, adapter_dirs: dict[str, Path
                 "checkpoint": "epoch with the lowest dev answer loss", "seeds": list(recipe.loraflow_seeds),
                 "optimizer": "AdamW(betas=(0.9, 0.95), eps=1e-5)", "gate_init": "zeros"}
 
-    def seed_runs(name: str, candidates: list[str], train, dev, messages, targets) -> list[dict]:
-        jobs = [SeedJob(name, s, str(model_dir), {t: str(adapter_dirs[t]) for t in candidates}, train, dev,
+    def seed_jobs(name: str, candidates: list[str], train, dev, messages, targets) -> list[SeedJob]:
+        return [SeedJob(name, s, str(model_dir), {t: str(adapter_dirs[t]) for t in candidates}, train, dev,
                         messages, targets, str(out_dir / f"{name}-seed{s}-gates"), recipe, recipe.threads)
                 for s in recipe.loraflow_seeds]
-        return run_seeds(jobs, [out_dir / f"{name}-seed{s}.json" for s in recipe.loraflow_seeds], model,
-                         tokenizer, log)
 
     # --- composite: gates over the six task adapters
     names = list(tasks.TASKS)
@@ -181,7 +194,23 @@ def run_loraflow(model, tokenizer, model_dir: Path, adapter_dirs: dict[str, Path
     random.Random(recipe.seed).shuffle(train)
     train_ids, dev_ids = _pairs(tokenizer, train, chat_prompt), _pairs(tokenizer, dev[:recipe.loraflow_dev],
                                                                        chat_prompt)
-    runs = seed_runs("composite", names, train_ids, dev_ids, messages, targets)
+    composite_jobs = seed_jobs("composite", names, train_ids, dev_ids, messages, targets)
+
+    # --- fusion: gates over the two adapters the composite skill needs, on that skill's examples
+    parts = list(tasks.FUSION_PARTS)
+    pair_bank = LoRABank.from_peft({t: adapter_dirs[t] for t in parts})
+    held = tasks.held_out(tasks.FUSION_TASK, recipe.fusion_eval, recipe.seed + 2000)
+    f_messages, f_targets = [m for m, _ in held], [a for _, a in held]
+    stream = tasks.stream(tasks.FUSION_TASK, recipe.seed + 500, exclude)
+    f_train = _pairs(tokenizer, [next(stream) for _ in range(recipe.loraflow_fusion_examples)], chat_prompt)
+    f_dev = _pairs(tokenizer, [next(stream) for _ in range(recipe.loraflow_dev)], chat_prompt)
+    fusion_jobs = seed_jobs("fusion", parts, f_train, f_dev, f_messages, f_targets)
+
+    # every training of both parts in one pool, so that no core waits for a part's last seed
+    jobs = composite_jobs + fusion_jobs
+    paths = [out_dir / f"{job.name}-seed{job.seed}.json" for job in jobs]
+    done = run_seeds(jobs, paths, model, tokenizer, log)
+    runs, f_runs = done[:len(composite_jobs)], done[len(composite_jobs):]
 
     def ceiling_scores() -> dict:
         def score(flow, some_rows) -> float:
@@ -198,16 +227,6 @@ def run_loraflow(model, tokenizer, model_dir: Path, adapter_dirs: dict[str, Path
                  "runs": runs, "exact_match": _summary([r["exact_match"] for r in runs]),
                  "ceilings": _cached(out_dir / "composite-ceilings.json", ceiling_scores)}
 
-    # --- fusion: gates over the two adapters the composite skill needs, on that skill's examples
-    parts = list(tasks.FUSION_PARTS)
-    pair_bank = LoRABank.from_peft({t: adapter_dirs[t] for t in parts})
-    held = tasks.held_out(tasks.FUSION_TASK, recipe.fusion_eval, recipe.seed + 2000)
-    f_messages, f_targets = [m for m, _ in held], [a for _, a in held]
-    stream = tasks.stream(tasks.FUSION_TASK, recipe.seed + 500, exclude)
-    f_train = _pairs(tokenizer, [next(stream) for _ in range(recipe.loraflow_fusion_examples)], chat_prompt)
-    f_dev = _pairs(tokenizer, [next(stream) for _ in range(recipe.loraflow_dev)], chat_prompt)
-    f_runs = seed_runs("fusion", parts, f_train, f_dev, f_messages, f_targets)
-
     def fusion_uniform() -> dict:
         flow = loraflow_model(model, pair_bank)
         ok = exact(generate_answers(flow, tokenizer, f_messages, recipe, targets=f_targets), f_targets)
@@ -223,6 +242,5 @@ def run_loraflow(model, tokenizer, model_dir: Path, adapter_dirs: dict[str, Path
     units |= {"composite ceilings": composite["ceilings"], "fusion uniform": fusion["uniform_ceiling"]}
     # Each unit's wall time when it was computed (cached units keep theirs), so the stage's cost holds
     # across interrupted runs; a unit cached before this was recorded has none.
-    unit_seconds = {name: unit["wall_seconds"] / unit.get("concurrent", 1) if "wall_seconds" in unit else None
-                    for name, unit in units.items()}
+    unit_seconds = {name: _elapsed(unit) for name, unit in units.items()}
     return {"settings": settings, "composite": composite, "fusion": fusion, "unit_seconds": unit_seconds}
