@@ -112,9 +112,9 @@ def train_and_score(job: SeedJob, model=None, tokenizer=None,
 def run_seeds(jobs: list[SeedJob], paths: list[Path], model, tokenizer,
               log: Callable[[str], None]) -> list[dict]:
     """Every seed's result, cached one file each. Seeds not cached yet run side by side, one worker
-    process per core at one torch thread each (training at batch 4 keeps a second thread of one
-    process mostly idle, so two processes nearly halve the stage); "concurrent" records how many ran
-    together, so the stage's elapsed time is the sum of wall_seconds / concurrent."""
+    process per core at one torch thread each: training at batch 4 splits poorly across threads (on
+    2 cores, two such processes did ~1.6x the steps per second of one process at two threads).
+    Each records how many ran together and, once the pool is done, its share of the pool's time."""
     import multiprocessing
     import os
     from concurrent.futures import ProcessPoolExecutor
