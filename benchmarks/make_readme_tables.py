@@ -429,7 +429,8 @@ def render_real_model(path: Path) -> str:
     seconds = data.get("stage_seconds")
     if seconds:
         untimed = [u for u, s in stages.get("loraflow", {}).get("unit_seconds", {}).items() if s is None]
-        parts.append(f"Run time from scratch: {sum(seconds.values()) / 60:.0f} min ("
+        total = "Run time from scratch" if not untimed else "Time of the stages as computed"
+        parts.append(f"{total}: {sum(seconds.values()) / 60:.0f} min ("
                      + ", ".join(f"{stage} {s / 60:.1f} min" for stage, s in seconds.items())
                      + "); each stage's figure is from the run that computed it"
                      + (f", and LoRA-Flow's counts only its units with a recorded time (not: "

@@ -459,7 +459,7 @@ def test_real_model_section_renders_every_stage(tmp_path):
     path.write_text(json.dumps(data))
     tables = _load_tables_script()
     text = tables.render_real_model(path)
-    assert "Partial run" not in text and "Run time from scratch: 32 min" in text
+    assert "Partial run" not in text and "Time of the stages as computed: 32 min" in text
     assert "LoRA-Flow's counts only its units with a recorded time (not: composite seed 0)" in text
     assert "(the json and date adapters); adapters top-p keeps per prompt: K=1: 50, K=2: 10" in text
     assert "| the date adapter alone | 10.0 |" in text and "| fixed mixture, 1 each | 30.0 |" in text
