@@ -2,7 +2,7 @@
 #   make demo   - the paper's composite-K experiment at small scale (no downloads, ~2 min)
 #   make test   - the test suite (CPU; Triton kernels under TRITON_INTERPRET=1)
 #   make real-model - dlp-lora on SmolLM2-135M-Instruct (adapters, router, LoRA-Flow, fusion, speed;
-#                 cached under $DLP_LORA_REAL_MODEL_DIR or ~/.cache/dlp-lora/real-model; <= 90 min)
+#                 cached under $DLP_LORA_REAL_MODEL_DIR or ~/.cache/dlp-lora/real-model; about 90 min from scratch on 2 cores)
 #   make bench  - microbenchmarks + end-to-end decode benchmark, results in benchmarks/results/
 # Override the torch build with e.g. `make test TORCH_SPEC="torch==2.11.0"`; a bare `torch`
 # would pull several GB of CUDA wheels on a CPU machine.
