@@ -19,16 +19,19 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import multiprocessing
+import os
 import random
 import statistics
 import time
 from collections.abc import Callable
-from concurrent.futures import as_completed
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from .._atomic import atomic_write_text
 from ..bench.loraflow import save_gates, train_gates
 from ..demo.loraflow_gates import ceilings, loraflow_model
 from . import tasks
@@ -115,10 +118,6 @@ def run_seeds(jobs: list[SeedJob], paths: list[Path], model, tokenizer,
     process per core at one torch thread each: training at batch 4 splits poorly across threads (on
     2 cores, two such processes did ~1.6x the steps per second of one process at two threads).
     Each records how many ran together and, once the pool is done, its share of the pool's time."""
-    import multiprocessing
-    import os
-    from concurrent.futures import ProcessPoolExecutor
-
     results = {i: json.loads(p.read_text()) for i, p in enumerate(paths) if p.is_file()}
     pending = [i for i in range(len(jobs)) if i not in results]
     workers = min(len(pending), os.cpu_count() or 1)
@@ -143,10 +142,7 @@ def run_seeds(jobs: list[SeedJob], paths: list[Path], model, tokenizer,
 
 
 def _write(path: Path, value: dict) -> dict:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".partial")
-    tmp.write_text(json.dumps(value, indent=1) + "\n")
-    tmp.replace(path)
+    atomic_write_text(path, json.dumps(value, indent=1) + "\n")
     return value
 
 
